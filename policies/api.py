@@ -1,0 +1,134 @@
+"""The contract between policies and backends.
+
+A policy sees exactly what a real front end and controller could see: the request as it arrives
+(with the workflow.yaml hints), each replica's vLLM /metrics, and the front end's own records. The
+simulator and the real executor both build these objects, so the *same* policy object runs on both.
+Nothing here may import ``sim`` or ``real``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+ReplicaState = Literal["starting", "ready", "draining"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """One LLM call as the front end sees it when it is released."""
+
+    request_id: int
+    arrival_s: float  # release time at the front end
+    input_tokens: int
+    block_hashes: tuple[int, ...]  # prefix block ids of the prompt (the router's view of the token ids)
+    hash_block_size: int
+    pool: str = "default"  # the replica pool (model) that serves this call
+    session_id: str = ""
+    job_id: int = -1
+    workflow: str = ""
+    agent: str = ""
+    expected_output_tokens: int = -1  # workflow.yaml hint; -1 unknown
+    next_agents: tuple[str, ...] = ()  # workflow.yaml hint: agents released after this call
+    slo_s: float = float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """One replica as exported by vLLM's /metrics, plus the front end's own count of what it sent there."""
+
+    replica_id: int
+    pool: str
+    state: ReplicaState
+    num_running: int  # vllm:num_requests_running
+    num_waiting: int  # vllm:num_requests_waiting
+    kv_usage: float  # vllm:kv_cache_usage_perc (0-1; cached-but-free blocks count as free)
+    prefix_cache_queries: int  # vllm:prefix_cache_queries_total (tokens, cumulative)
+    prefix_cache_hits: int  # vllm:prefix_cache_hits_total (tokens, cumulative)
+    num_preemptions: int  # vllm:num_preemptions_total
+    kv_capacity_tokens: int  # vllm:cache_config_info num_gpu_blocks * block_size
+    outstanding_requests: int  # front end: routed here and not finished
+    outstanding_tokens: int  # front end: prompt + expected output tokens of those requests
+
+
+@dataclass(frozen=True, slots=True)
+class PoolObservation:
+    """What the controller knows about one pool over the last control interval."""
+
+    pool: str
+    replicas: tuple[ReplicaView, ...]
+    gpus_per_replica: int
+    pending: int  # released calls the front end holds because no replica of the pool is ready
+    arrivals: int  # calls released to this pool during the interval
+    arrival_tokens: int  # their prompt + expected output tokens
+    completions: int
+    p99_latency_s: float  # front-end measured end-to-end latency of calls finished in the interval (NaN: none)
+    p99_ttft_s: float
+    slo_violations: int  # calls finished in the interval above their slo_s
+    inflight_by_agent: dict[str, int] = field(default_factory=dict)  # calls routed and not finished
+    expected_next_by_agent: dict[str, int] = field(default_factory=dict)  # workflow look-ahead
+
+    @property
+    def num_ready(self) -> int:
+        return sum(r.state == "ready" for r in self.replicas)
+
+    @property
+    def num_active(self) -> int:
+        """Replicas that hold a GPU and will serve: starting or ready (draining ones are on their way out)."""
+        return sum(r.state != "draining" for r in self.replicas)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.pending + sum(r.num_waiting for r in self.replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterObservation:
+    now: float
+    interval_s: float
+    total_gpus: int
+    free_gpus: int
+    pools: dict[str, PoolObservation]
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleAction:
+    """Desired number of serving replicas per pool (pools not named keep their count)."""
+
+    target_replicas: dict[str, int]
+
+
+@runtime_checkable
+class Router(Protocol):
+    def route(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> int:
+        """Pick the replica_id for ``request`` among ``replicas`` (the ready replicas of its pool)."""
+        ...
+
+
+@runtime_checkable
+class Scaler(Protocol):
+    def decide(self, obs: ClusterObservation) -> ScaleAction: ...
+
+
+# name -> factory(**params). Filled by policies.routers / policies.scalers at import.
+ROUTERS: dict[str, Callable[..., Router]] = {}
+SCALERS: dict[str, Callable[..., Scaler]] = {}
+
+
+def _lookup(registry: dict[str, Callable], kind: str, name: str, params: dict) -> object:
+    if name not in registry:
+        raise KeyError(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(registry))}")
+    return registry[name](**params)
+
+
+def make_router(name: str, **params: object) -> Router:
+    import policies.routers  # noqa: F401  (fills ROUTERS)
+
+    return _lookup(ROUTERS, "router", name, params)  # type: ignore[return-value]
+
+
+def make_scaler(name: str, **params: object) -> Scaler:
+    import policies.scalers  # noqa: F401  (fills SCALERS)
+
+    return _lookup(SCALERS, "scaler", name, params)  # type: ignore[return-value]
