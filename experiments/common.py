@@ -1,0 +1,78 @@
+"""What every experiment shares: the named systems under comparison and one simulated run per point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import pandas as pd  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from experiments.metrics import summarize  # noqa: E402
+from policies.api import make_router, make_scaler  # noqa: E402
+from sim.cluster import ClusterConfig, SimResult, simulate  # noqa: E402
+
+
+@dataclass(frozen=True)
+class System:
+    """A serving system under test: a router, an optional scaler, and how many replicas it starts with."""
+
+    label: str
+    router: str
+    scaler: str | None = None
+    initial_replicas: int | None = None  # None: all GPUs
+    router_params: dict = field(default_factory=dict)
+    scaler_params: dict = field(default_factory=dict)
+
+
+SYSTEMS: dict[str, System] = {
+    "vllm": System("vLLM (round-robin)", "round_robin"),
+    "vllm-hpa": System("vLLM + K8s HPA", "round_robin", "hpa", initial_replicas=2),
+    "sglang": System("SGLang cache-aware", "cache_aware"),
+    "pythia": System("Pythia", "pythia", "pythia", initial_replicas=2),
+    "pythia-routing": System("Pythia routing only", "pythia"),
+    "pythia-scaling": System("Pythia scaling only", "round_robin", "pythia", initial_replicas=2),
+}
+
+
+def system(name: str) -> System:
+    if name not in SYSTEMS:
+        raise KeyError(f"unknown system '{name}'; known: {', '.join(SYSTEMS)}")
+    return SYSTEMS[name]
+
+
+def cluster_config(sys: System, base: ClusterConfig | None = None) -> ClusterConfig:
+    base = base or ClusterConfig()
+    pool = base.pools[0]
+    n = base.num_gpus // pool.tp if sys.initial_replicas is None else sys.initial_replicas
+    return replace(base, pools=(replace(pool, initial_replicas=n),))
+
+
+def run_system(table: pd.DataFrame, sys: System, base: ClusterConfig | None = None) -> SimResult:
+    cfg = cluster_config(sys, base)
+    router = make_router(sys.router, **sys.router_params)
+    scaler = make_scaler(sys.scaler, **sys.scaler_params) if sys.scaler else None
+    return simulate(table, cfg, router, scaler)
+
+
+def summary_row(res: SimResult, **labels: object) -> dict:
+    return {**labels, **summarize(res.requests, res.jobs, res.timeseries, res.cluster)}
+
+
+def parallel_map(fn: Callable, items: Iterable, jobs: int = 1, desc: str = "runs") -> list:
+    """Map over independent runs, in worker processes when jobs > 1; results keep the input order."""
+    items = list(items)
+    if jobs <= 1:
+        return [fn(x) for x in tqdm(items, desc=desc, unit="run")]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="run"))
+
+
+def write(table: pd.DataFrame, out: Path, name: str) -> None:
+    table.to_csv(out / f"{name}.csv", index=False)
+

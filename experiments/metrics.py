@@ -1,0 +1,74 @@
+"""Summary metrics of one run, defined once for every figure and table (see the README's definitions)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def _pct(values: pd.Series | np.ndarray, q: float) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.percentile(v, q)) if len(v) else math.nan
+
+
+def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFrame,
+              cluster: pd.DataFrame | None = None) -> dict[str, float]:
+    """Per-run summary: throughput, latency percentiles, hit rate, memory-utilization spread, queue, JCT."""
+    ok = requests[requests["status"] == "ok"]
+    e2e = ok["finish_s"] - ok["release_s"]
+    ttft = ok["first_token_s"] - ok["release_s"]
+    tpot = (ok["finish_s"] - ok["first_token_s"]) / (ok["output_tokens"] - 1).where(ok["output_tokens"] > 1)
+    span = float(ok["finish_s"].max() - requests["release_s"].min()) if len(ok) else math.nan
+    slo_ok = (e2e <= ok["slo_s"]) | ok["slo_s"].isna()
+    out = {
+        "num_requests": float(len(requests)),
+        "num_failed": float((requests["status"] != "ok").sum()),
+        "throughput_rps": len(ok) / span if span > 0 else math.nan,
+        "output_tokens_per_s": float(ok["output_tokens"].sum()) / span if span > 0 else math.nan,
+        "mean_latency_s": float(e2e.mean()),
+        "p50_latency_s": _pct(e2e, 50), "p90_latency_s": _pct(e2e, 90), "p99_latency_s": _pct(e2e, 99),
+        "p50_ttft_s": _pct(ttft, 50), "p99_ttft_s": _pct(ttft, 99),
+        "p50_tpot_s": _pct(tpot, 50), "p99_tpot_s": _pct(tpot, 99),
+        "prefix_hit_rate": float(ok["cached_tokens"].sum() / max(ok["input_tokens"].sum(), 1)),
+        "slo_attainment": float(slo_ok.mean()) if len(ok) else math.nan,
+        "mean_jct_s": float(jobs["jct_s"].mean()) if len(jobs) else math.nan,
+        "p95_jct_s": _pct(jobs["jct_s"], 95) if len(jobs) else math.nan,
+        "mem_util_variance": mem_util_cv(timeseries),
+        "max_queue_len": max_queue(timeseries, cluster),
+        "preemptions": float(ok["num_preemptions"].sum()),
+    }
+    if cluster is not None and len(cluster):
+        dt = cluster.groupby("t")["gpus_in_use"].first()
+        out["gpu_seconds"] = float((dt * np.diff(np.append(dt.index.to_numpy(), dt.index[-1]))).sum())
+    return out
+
+
+def mem_util_cv(timeseries: pd.DataFrame) -> float:
+    """Spread of GPU memory (KV) utilization across GPUs: mean over samples of std/mean across ready replicas.
+
+    Only samples where the cluster holds some KV are counted (an idle cluster has no spread to speak of).
+    """
+    ts = timeseries[timeseries["state"] == "ready"]
+    if ts.empty:
+        return math.nan
+    g = ts.groupby("t")["kv_usage"]
+    mean, std = g.mean(), g.std(ddof=0)
+    busy = mean > 0.05
+    return float((std[busy] / mean[busy]).mean()) if busy.any() else 0.0
+
+
+def max_queue(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> float:
+    """Largest number of calls waiting anywhere (engine waiting queues + front-end pending) at one sample."""
+    waiting = queue_series(timeseries, cluster)
+    return float(waiting.max()) if len(waiting) else 0.0
+
+
+def queue_series(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> pd.Series:
+    """Calls waiting at each sample time: engine waiting queues plus the front end's pending calls."""
+    waiting = timeseries.groupby("t")["num_waiting"].sum()
+    if cluster is not None and len(cluster):
+        waiting = waiting.add(cluster.groupby("t")["pending"].sum(), fill_value=0)
+    return waiting

@@ -1,0 +1,52 @@
+"""`python -m experiments.run NAME [--quick] [--seed N] [--out DIR] [--jobs N]`: regenerate a figure or table.
+
+Each experiment writes ``DIR/NAME.png`` and its data (``DIR/NAME.csv``) and prints a short summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+# name -> (module, one-line description). Modules expose run(quick, seed, out, jobs) -> pandas.DataFrame.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "fig2": ("experiments.fig2", "characterization: cached tokens per call, infinite-cache bound vs round-robin vLLM"),
+    "fig7": ("experiments.fig7", "end-to-end: throughput, p99 latency, mean/p95 JCT vs offered load"),
+    "fig8": ("experiments.fig8", "ablation: cache-aware routing only, scaling only, both"),
+    "fig9": ("experiments.fig9", "queue length over time under a burst"),
+    "fig10": ("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
+    "table1": ("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    ap.add_argument("name", nargs="?", help="experiment name (see --list)")
+    ap.add_argument("--list", action="store_true", help="list the experiments")
+    ap.add_argument("--quick", action="store_true", help="small version (< 2 min on one core; what tests run)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("figures"))
+    ap.add_argument("--jobs", type=int, default=1, help="parallel processes for independent runs")
+    args = ap.parse_args(argv)
+    if args.list or not args.name:
+        for name, (_, desc) in EXPERIMENTS.items():
+            print(f"{name:10s} {desc}")
+        return 0
+    if args.name not in EXPERIMENTS:
+        print(f"unknown experiment '{args.name}'; known: {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    module = importlib.import_module(EXPERIMENTS[args.name][0])
+    table = module.run(quick=args.quick, seed=args.seed, out=args.out, jobs=args.jobs)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {args.out / (args.name + '.png')} and {args.out / (args.name + '.csv')} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
