@@ -1,0 +1,85 @@
+"""What the real executor runs: which servers, with which vLLM engine knobs, and how it drives them.
+
+The engine knobs carry vLLM's own names, the same as the simulator's ``ClusterConfig``, so one set of
+numbers configures both backends. ``block_size`` defaults to 32 because vLLM's CPU attention only
+accepts multiples of 32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RealConfig:
+    model: str  # model directory (HF config.json; with load_format="dummy" no weights are needed) or hub name
+    num_replicas: int = 1  # replicas serving at t=0
+    urls: tuple[str, ...] = ()  # attach mode: servers managed elsewhere; empty: launch our own
+    cores: tuple[int, ...] = ()  # launch mode: CPU cores, one per server, round-robin (empty: all usable cores)
+    max_replicas: int = 0  # scaling ceiling; 0: len(urls) when attaching, number of cores when launching
+    pool: str = "default"  # the one pool these replicas form (every call goes to it)
+    # vLLM engine knobs (flags of the launched servers; in attach mode, what the servers were started with)
+    block_size: int = 32
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    num_gpu_blocks: int = 0  # --num-gpu-blocks-override; 0: vLLM sizes the cache from kv_cache_space_gib
+    kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (integer GiB)
+    max_model_len: int = 2048
+    dtype: str = "float32"
+    load_format: str = "dummy"
+    enforce_eager: bool = True  # skips a ~25 s torch.compile per server start
+    vocab_size: int = 0  # prompt token ids are drawn below it; 0: read <model>/config.json
+    extra_server_args: tuple[str, ...] = ()
+    python: str = sys.executable  # the interpreter that has vllm installed
+    log_dir: str = ""  # server logs; "": a fresh temporary directory
+    # executor
+    control_interval_s: float = 5.0  # the scaler runs this often (wall seconds)
+    scrape_interval_s: float = 0.5  # /metrics of every replica is read this often
+    startup_timeout_s: float = 120.0  # a server that is not healthy by then counts as failed to start
+    request_timeout_s: float = 600.0  # longest silence on a streaming call before it counts as failed
+    retry_failed: bool = False  # calls in flight on a replica that died: False mark failed, True re-route
+    record_token_times: bool = True  # one row per generated token in RealResult.token_times
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 0 or self.max_replicas < 0:
+            raise ValueError(f"RealConfig: num_replicas={self.num_replicas} and max_replicas={self.max_replicas} "
+                             f"must be >= 0")
+        if self.urls and self.num_replicas > len(self.urls):
+            raise ValueError(f"RealConfig: num_replicas={self.num_replicas} but only {len(self.urls)} urls to "
+                             f"attach to; list more urls or lower num_replicas")
+        if self.urls and self.max_replicas > len(self.urls):
+            raise ValueError(f"RealConfig: max_replicas={self.max_replicas} but only {len(self.urls)} urls "
+                             f"to attach to")
+        if self.num_replicas > self.capacity:
+            raise ValueError(f"RealConfig: num_replicas={self.num_replicas} exceeds max_replicas={self.capacity}")
+        for name in ("control_interval_s", "scrape_interval_s", "startup_timeout_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RealConfig: {name}={getattr(self, name)} must be > 0")
+
+    @property
+    def launch(self) -> bool:
+        return not self.urls
+
+    @property
+    def server_cores(self) -> tuple[int, ...]:
+        return self.cores or tuple(sorted(os.sched_getaffinity(0)))
+
+    @property
+    def capacity(self) -> int:
+        """Most replicas that can serve at once (the 'GPUs' of this cluster)."""
+        return self.max_replicas or (len(self.urls) if self.urls else len(self.server_cores))
+
+    def resolved_vocab_size(self) -> int:
+        if self.vocab_size:
+            return self.vocab_size
+        path = Path(self.model) / "config.json"
+        try:
+            return int(json.loads(path.read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"RealConfig: cannot read vocab_size from {path} ({e}); set RealConfig.vocab_size "
+                             f"to the model's vocabulary size") from None

