@@ -200,96 +200,115 @@ class Cluster:
                     self._stop_if_idle(s)
 
 
-def simulate(table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,
-             *, progress: bool = False) -> SimResult:
-    """Replay a canonical workload table on a simulated cluster; deterministic for the same inputs."""
-    validate(table, "simulate(table)")
-    env = simpy.Environment()
-    front = FrontEnd()
-    pools = {p.name for p in cfg.pools}
-    unknown = sorted({p for p in cfg.agent_pools.values() if p not in pools})
-    if unknown:
-        raise ValueError(f"agent_pools names pool(s) {unknown} that are not in the config's pools {sorted(pools)}")
-    default_pool = cfg.pools[0].name
-    infos = request_infos(table)
-    infos = [replace(i, pool=cfg.agent_pools.get(i.agent, default_pool)) for i in infos]
-    reqs = [SimRequest(i.request_id, i.input_tokens, int(o), i.block_hashes, i.hash_block_size)
-            for i, o in zip(infos, table["output_tokens"].tolist(), strict=True)]
-    think = table["think_s"].tolist()
-    waiting_on = [len(p) for p in table["parents"]]
-    children: dict[int, list[int]] = {}
-    for k, parents in enumerate(table["parents"]):
-        for p in parents:
-            children.setdefault(int(p), []).append(k)
-    remaining = [len(infos)]
-    done = env.event()
-    bar = _progress(len(infos)) if progress else None
+class Simulation:
+    """One replay of a workload on a simulated cluster, advanced in steps of simulated time.
 
-    def release_later(k: int, delay: float):
-        yield env.timeout(delay)
-        cluster.submit(infos[k], reqs[k])
+    ``simulate`` runs it to the end; the RL environment advances it one control interval at a time and
+    plays the scaler itself (``observe`` / ``apply``).
+    """
 
-    def call_done(request_id: int) -> None:
-        remaining[0] -= 1
-        if bar is not None:
-            bar.update(1)
-        for c in children.get(request_id, ()):
-            waiting_on[c] -= 1
-            if waiting_on[c] == 0:
-                env.process(release_later(c, think[c]))
-        if remaining[0] == 0:
-            done.succeed()
+    def __init__(self, table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,
+                 *, progress: bool = False):
+        validate(table, "simulate(table)")
+        pools = {p.name for p in cfg.pools}
+        unknown = sorted({p for p in cfg.agent_pools.values() if p not in pools})
+        if unknown:
+            raise ValueError(f"agent_pools names pool(s) {unknown} that are not in the config's pools {sorted(pools)}")
+        self.cfg = cfg
+        self.env = env = simpy.Environment()
+        self.front = FrontEnd()
+        infos = [replace(i, pool=cfg.agent_pools.get(i.agent, cfg.pools[0].name)) for i in request_infos(table)]
+        reqs = [SimRequest(i.request_id, i.input_tokens, int(o), i.block_hashes, i.hash_block_size)
+                for i, o in zip(infos, table["output_tokens"].tolist(), strict=True)]
+        self._infos, self._reqs, self._think = infos, reqs, table["think_s"].tolist()
+        self._waiting_on = [len(p) for p in table["parents"]]
+        self._children: dict[int, list[int]] = {}
+        for k, parents in enumerate(table["parents"]):
+            for p in parents:
+                self._children.setdefault(int(p), []).append(k)
+        self.remaining = len(infos)
+        self.done = env.event()
+        if not infos:
+            self.done.succeed()
+        self._bar = _progress(len(infos)) if progress else None
+        self.cluster = Cluster(env, cfg, router, scaler, self.front, self._call_done)
+        self._ts_rows: list[tuple] = []
+        self._cl_rows: list[tuple] = []
+        env.process(self._arrivals([k for k in range(len(infos)) if self._waiting_on[k] == 0]))
+        env.process(self._sampler())
+        if scaler is not None:
+            env.process(self._controller(scaler))
 
-    cluster = Cluster(env, cfg, router, scaler, front, call_done)
-    roots = [k for k in range(len(infos)) if waiting_on[k] == 0]
+    def run(self, until: float | None = None) -> bool:
+        """Advance to simulated time ``until`` (or to the end); True once every call has finished."""
+        if not self.done.triggered:
+            self.env.run(until=self.done if until is None else max(until, self.env.now))
+        if self.done.triggered and self._bar is not None:
+            self._bar.close()
+        return self.done.triggered
 
-    def arrivals():
+    def result(self) -> SimResult:
+        results = self.front.results()
+        return SimResult(
+            requests=results,
+            jobs=job_table(results),
+            timeseries=pd.DataFrame(self._ts_rows, columns=["t", "replica_id", "pool", "state", "num_running",
+                                                            "num_waiting", "kv_usage"]),
+            cluster=pd.DataFrame(self._cl_rows, columns=["t", "pool", "pending", "starting", "ready", "draining",
+                                                         "gpus_in_use"]),
+            config=self.cfg,
+        )
+
+    # --- SimPy processes -------------------------------------------------------------------------
+    def _arrivals(self, roots: list[int]):
         for k in roots:
-            delay = infos[k].arrival_s - env.now
+            delay = self._infos[k].arrival_s - self.env.now
             if delay > 0:
-                yield env.timeout(delay)
-            cluster.submit(infos[k], reqs[k])
+                yield self.env.timeout(delay)
+            self.cluster.submit(self._infos[k], self._reqs[k])
 
-    ts_rows: list[tuple] = []
-    cl_rows: list[tuple] = []
+    def _release_later(self, k: int):
+        yield self.env.timeout(self._think[k])
+        self.cluster.submit(self._infos[k], self._reqs[k])
 
-    def sampler():
+    def _call_done(self, request_id: int) -> None:
+        self.remaining -= 1
+        if self._bar is not None:
+            self._bar.update(1)
+        for c in self._children.get(request_id, ()):
+            self._waiting_on[c] -= 1
+            if self._waiting_on[c] == 0:
+                self.env.process(self._release_later(c))
+        if self.remaining == 0:
+            self.done.succeed()
+
+    def _sampler(self):
+        cluster, pools = self.cluster, self.cfg.pools
         while True:
-            now = env.now
+            now = self.env.now
             for s in cluster.slots.values():
                 if s.state != "stopped":
                     e = s.engine
-                    ts_rows.append((now, s.replica_id, s.pool, s.state, e.num_running, e.num_waiting, e.kv_usage))
-            for p in cfg.pools:
+                    self._ts_rows.append((now, s.replica_id, s.pool, s.state, e.num_running, e.num_waiting,
+                                          e.kv_usage))
+            for p in pools:
                 states = [s.state for s in cluster.slots.values() if s.pool == p.name]
-                cl_rows.append((now, p.name, len(cluster.pending[p.name]), states.count("starting"),
-                                states.count("ready"), states.count("draining"), cluster.gpus_in_use()))
-            yield env.timeout(cfg.sample_interval_s)
+                self._cl_rows.append((now, p.name, len(cluster.pending[p.name]), states.count("starting"),
+                                      states.count("ready"), states.count("draining"), cluster.gpus_in_use()))
+            yield self.env.timeout(self.cfg.sample_interval_s)
 
-    def controller():
+    def _controller(self, scaler: Scaler):
         while True:
-            yield env.timeout(cfg.control_interval_s)
-            action = scaler.decide(cluster.observe())  # type: ignore[union-attr]
-            cluster.apply(action.target_replicas)
+            yield self.env.timeout(self.cfg.control_interval_s)
+            self.cluster.apply(scaler.decide(self.cluster.observe()).target_replicas)
 
-    env.process(arrivals())
-    env.process(sampler())
-    if scaler is not None:
-        env.process(controller())
-    if infos:
-        env.run(until=done)
-    if bar is not None:
-        bar.close()
-    results = front.results()
-    return SimResult(
-        requests=results,
-        jobs=job_table(results),
-        timeseries=pd.DataFrame(ts_rows, columns=["t", "replica_id", "pool", "state", "num_running",
-                                                  "num_waiting", "kv_usage"]),
-        cluster=pd.DataFrame(cl_rows, columns=["t", "pool", "pending", "starting", "ready", "draining",
-                                               "gpus_in_use"]),
-        config=cfg,
-    )
+
+def simulate(table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,
+             *, progress: bool = False) -> SimResult:
+    """Replay a canonical workload table on a simulated cluster; deterministic for the same inputs."""
+    sim = Simulation(table, cfg, router, scaler, progress=progress)
+    sim.run()
+    return sim.result()
 
 
 def _progress(total: int):
