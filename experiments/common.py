@@ -16,6 +16,7 @@ from tqdm import tqdm  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from policies.api import make_router, make_scaler  # noqa: E402
 from sim.cluster import ClusterConfig, SimResult, simulate  # noqa: E402
+from traces.workflow import make_workload  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,39 @@ def summary_row(res: SimResult, **labels: object) -> dict:
     return {**labels, **summarize(res.requests, res.jobs, res.timeseries, res.cluster)}
 
 
+@dataclass(frozen=True)
+class Point:
+    """One simulated run: a workflow workload at an offered load (jobs/s), served by one system."""
+
+    workload: str
+    rate: float
+    system: str
+    duration_s: float
+    seed: int = 0
+    arrivals: str | None = None  # e.g. "onoff:...": overrides the Poisson arrivals at `rate`
+
+
+def workload_table(p: Point) -> pd.DataFrame:
+    if p.arrivals:
+        return make_workload(p.workload, arrivals=p.arrivals, duration_s=p.duration_s, seed=p.seed)
+    return make_workload(p.workload, rate=p.rate, duration_s=p.duration_s, seed=p.seed)
+
+
+def run_point(p: Point) -> SimResult:
+    return run_system(workload_table(p), system(p.system))
+
+
+def summarize_point(p: Point) -> dict:
+    """Run one point and reduce it to its summary row (what sweeps ship between processes)."""
+    res = run_point(p)
+    return summary_row(res, workload=p.workload, rate=p.rate, system=p.system, label=system(p.system).label,
+                       seed=p.seed)
+
+
+def sweep(points: Iterable[Point], jobs: int = 1) -> pd.DataFrame:
+    return pd.DataFrame(parallel_map(summarize_point, points, jobs, desc="simulate"))
+
+
 def parallel_map(fn: Callable, items: Iterable, jobs: int = 1, desc: str = "runs") -> list:
     """Map over independent runs, in worker processes when jobs > 1; results keep the input order."""
     items = list(items)
@@ -76,3 +110,26 @@ def parallel_map(fn: Callable, items: Iterable, jobs: int = 1, desc: str = "runs
 def write(table: pd.DataFrame, out: Path, name: str) -> None:
     table.to_csv(out / f"{name}.csv", index=False)
 
+
+
+# The two paper-like workloads, the offered loads (jobs/s) swept for them, and the reference load at which
+# single-load metrics (latency, hit rate, memory spread, JCT) are compared.
+WORKLOADS = ("coding-assistant", "software-team")
+LOADS = {"coding-assistant": (0.5, 1.0, 1.5, 2.0), "software-team": (0.25, 0.5, 0.75, 1.0)}
+REFERENCE_LOAD = {"coding-assistant": 1.0, "software-team": 0.5}
+
+
+def loads(workload: str, quick: bool) -> tuple[float, ...]:
+    ls = LOADS[workload]
+    return (ls[0], REFERENCE_LOAD[workload]) if quick else ls
+
+
+def duration(quick: bool) -> float:
+    """Simulated seconds of arrivals per run (jobs then run to completion)."""
+    return 120.0 if quick else 300.0
+
+
+def burst_arrivals(workload: str) -> str:
+    """On/off job arrivals around the reference load: 30 s bursts at 3x, 60 s lulls at 0.25x (mean ~1.2x)."""
+    ref = REFERENCE_LOAD[workload]
+    return f"onoff:{3 * ref:g},{0.25 * ref:g},30,60"

@@ -241,8 +241,8 @@ class Simulation:
 
     def run(self, until: float | None = None) -> bool:
         """Advance to simulated time ``until`` (or to the end); True once every call has finished."""
-        if not self.done.triggered:
-            self.env.run(until=self.done if until is None else max(until, self.env.now))
+        if not self.done.triggered and (until is None or until > self.env.now):
+            self.env.run(until=self.done if until is None else until)
         if self.done.triggered and self._bar is not None:
             self._bar.close()
         return self.done.triggered

@@ -1,0 +1,86 @@
+"""Table 1: the paper's headline table (vanilla vLLM, a naive Kubernetes autoscaler, Pythia) per workload.
+
+Definitions (also in the README):
+- throughput_rps: the highest completed-calls/s over the swept offered loads at which >= 90 % of calls met
+  their SLO (the workflow's slo_s);
+- p99_latency_s, prefix_hit_rate, mem_util_variance, mean_jct_s, p95_jct_s: at the workload's reference load;
+- burst_queue_len: the largest number of waiting calls (engine queues + front-end pending) under on/off bursts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.common import (
+    REFERENCE_LOAD,
+    WORKLOADS,
+    Point,
+    burst_arrivals,
+    duration,
+    loads,
+    sweep,
+    system,
+    write,
+)
+
+SYSTEMS = ("vllm", "vllm-hpa", "pythia")
+COLUMNS = ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate", "mem_util_variance",
+           "burst_queue_len", "mean_jct_s", "p95_jct_s"]
+SLO_ATTAINMENT = 0.9
+
+
+def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
+    dur = duration(quick)
+    load_points = [Point(w, r, s, dur, seed) for w in WORKLOADS for r in loads(w, quick) for s in SYSTEMS]
+    burst_points = [Point(w, REFERENCE_LOAD[w], s, dur, seed, burst_arrivals(w)) for w in WORKLOADS for s in SYSTEMS]
+    df = sweep(load_points + burst_points, jobs)
+    bursts = df.iloc[len(load_points):]
+    df = df.iloc[: len(load_points)]
+    rows = []
+    for w in WORKLOADS:
+        for s in SYSTEMS:
+            d = df[(df["workload"] == w) & (df["system"] == s)]
+            ok = d[d["slo_attainment"] >= SLO_ATTAINMENT]
+            ref = d[d["rate"] == REFERENCE_LOAD[w]].iloc[0]
+            burst = bursts[(bursts["workload"] == w) & (bursts["system"] == s)].iloc[0]
+            rows.append({
+                "workload": w, "system": system(s).label,
+                "throughput_rps": float(ok["throughput_rps"].max()) if len(ok) else math.nan,
+                "p99_latency_s": ref["p99_latency_s"], "prefix_hit_rate": ref["prefix_hit_rate"],
+                "mem_util_variance": ref["mem_util_variance"], "burst_queue_len": burst["max_queue_len"],
+                "mean_jct_s": ref["mean_jct_s"], "p95_jct_s": ref["p95_jct_s"],
+            })
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    write(table, out, "table1")
+    plot(table, out / "table1.png")
+    return table
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """The table as a picture: each metric relative to vanilla vLLM on the same workload."""
+    import matplotlib.pyplot as plt
+
+    metrics = COLUMNS[2:]
+    workloads = list(dict.fromkeys(table["workload"]))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(7 * len(workloads), 4), squeeze=False)
+    for ax, w in zip(axes[0], workloads, strict=True):
+        t = table[table["workload"] == w].set_index("system")
+        base = t.iloc[0]
+        width = 0.8 / len(t)
+        for k, (name, row) in enumerate(t.iterrows()):
+            rel = [row[m] / base[m] if base[m] else math.nan for m in metrics]
+            ax.bar([i + k * width for i in range(len(metrics))], rel, width, label=name, color=f"C{k}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + width * (len(t) - 1) / 2 for i in range(len(metrics))])
+        ax.set_xticklabels([m.replace("_", "\n") for m in metrics], fontsize=8)
+        ax.set_ylabel("relative to vanilla vLLM")
+        ax.set_title(w)
+        ax.legend(fontsize=8)
+    fig.suptitle("Table 1 (simulated, 8 x A100-40GB, Llama-3.1-8B): "
+                 "throughput and hit rate higher is better, the rest lower")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

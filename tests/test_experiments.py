@@ -1,0 +1,42 @@
+"""End-to-end: every registered experiment runs in --quick mode and writes its figure and data."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from experiments.run import EXPERIMENTS, main
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("figures")
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_quick_experiment_writes_png_and_csv(name, out):
+    assert main([name, "--quick", "--out", str(out)]) == 0
+    assert (out / f"{name}.png").stat().st_size > 10_000
+    assert len(pd.read_csv(out / f"{name}.csv")) > 0
+
+
+def test_table1_columns(out):
+    if not (out / "table1.csv").exists():
+        main(["table1", "--quick", "--out", str(out)])
+    t = pd.read_csv(out / "table1.csv")
+    assert list(t.columns) == ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate",
+                               "mem_util_variance", "burst_queue_len", "mean_jct_s", "p95_jct_s"]
+    assert t["prefix_hit_rate"].between(0, 1).all()
+    assert len(t) == 6  # 2 workloads x (vLLM, K8s HPA, Pythia)
+
+
+def test_unknown_experiment_lists_known(capsys):
+    assert main(["fig99"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'fig99'" in err and "fig7" in err
+
+
+def test_list_names_every_experiment(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in EXPERIMENTS)
