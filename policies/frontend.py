@@ -101,6 +101,24 @@ class FrontEnd:
         for a in info.next_agents:
             self._next_agent[info.pool][a] += 1
 
+    def unroute(self, request_id: int) -> None:
+        """Take back a routing (its replica died): the call is pending again, to be routed anew.
+
+        Unlike a failure followed by a new release, this counts no extra arrival or completion.
+        """
+        rec = self.calls[request_id]
+        if rec.replica_id >= 0:
+            self._forget_route(rec.replica_id, self._info[request_id])
+        rec.replica_id, rec.routed_s, rec.status = -1, math.nan, "pending"
+        rec.first_token_s = math.nan
+
+    def _forget_route(self, replica_id: int, info: RequestInfo) -> None:
+        self._outstanding_req[replica_id] -= 1
+        self._outstanding_tok[replica_id] -= _load_tokens(info)
+        self._inflight_agent[info.pool][info.agent] -= 1
+        for a in info.next_agents:
+            self._next_agent[info.pool][a] -= 1
+
     def first_token(self, request_id: int, now: float) -> None:
         self.calls[request_id].first_token_s = now
 
@@ -113,11 +131,7 @@ class FrontEnd:
         if math.isnan(rec.first_token_s) and not failed:
             rec.first_token_s = now
         if rec.replica_id >= 0:
-            self._outstanding_req[rec.replica_id] -= 1
-            self._outstanding_tok[rec.replica_id] -= _load_tokens(info)
-            self._inflight_agent[info.pool][info.agent] -= 1
-            for a in info.next_agents:
-                self._next_agent[info.pool][a] -= 1
+            self._forget_route(rec.replica_id, info)
         w = self._window[info.pool]
         w.completions += 1
         if not failed:

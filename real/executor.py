@@ -129,7 +129,6 @@ class _Run:
             for p in parents:
                 self.children.setdefault(int(p), []).append(rid)
         self.roots = [rid for rid, n in self.waiting_on.items() if n == 0]
-        self.first_release: dict[int, float] = {}
         self.remaining = len(infos)
         self.slots: dict[int, _Slot] = {}
         self.pending: deque[int] = deque()
@@ -303,7 +302,6 @@ class _Run:
     def _release(self, rid: int) -> None:
         now = self.now()
         self.front.release(self.infos[rid], self.output_tokens[rid], now)
-        self.first_release[rid] = now
         self._dispatch(rid)
 
     def _dispatch(self, rid: int) -> None:
@@ -350,14 +348,12 @@ class _Run:
         self._call_done(rid)
 
     def _call_failed(self, rid: int, replica_id: int, reason: str, retry: bool) -> None:
-        now = self.now()
-        self.front.finished(rid, now, failed=True)
         if retry:
             self._failure("call_retried", replica_id, rid, reason)
-            self.front.release(self.infos[rid], self.output_tokens[rid], now)
-            self.front.calls[rid].release_s = self.first_release[rid]  # latency counts from the first release
+            self.front.unroute(rid)  # latency still counts from the first release
             self._dispatch(rid)
         else:
+            self.front.finished(rid, self.now(), failed=True)
             self._failure("call_failed", replica_id, rid, reason)
             self._call_done(rid)
 
