@@ -29,7 +29,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, fields, replace
-from itertools import accumulate, islice, repeat
+from itertools import accumulate
 from typing import Protocol
 
 import numpy as np
@@ -312,20 +312,23 @@ class Replica:
             if len(hit) == max_blocks or s.hashes[len(hit)] not in kv.cached:
                 return hit
         hit = kv.find_longest_cache_hit(s.hashes, s.num_tokens - 1)
-        kv.watch(hit)
+        kv.watch(hit)  # from here on the cache flags any eviction of these blocks
         self._last_lookup = (s, s.num_tokens, hit)
         return hit
 
     def _allocate(self, s: _Seq, num_computed: int, n: int, hit: Sequence[int] = ()) -> bool:
         """vLLM ``allocate_slots``: blocks for ``num_computed + n`` tokens, then cache the full ones."""
-        if not self.kv.allocate_slots(s.blocks, num_computed + n, hit):
-            return False
-        if hit:
-            s.num_cached_blocks = len(hit)
-        self._cache_full_blocks(s, min(num_computed + n, s.num_tokens) // self.block_size)
+        total = num_computed + n
+        if hit or -(-total // self.block_size) > len(s.blocks):  # most decode steps need no new block
+            if not self.kv.allocate_slots(s.blocks, total, hit):
+                return False
+            if hit:
+                s.num_cached_blocks = len(hit)
+        self._cache_full_blocks(s, (total if total < s.num_tokens else s.num_tokens) // self.block_size)
         return True
 
     def _cache_full_blocks(self, s: _Seq, num_full: int) -> None:
+        """Register the request's blocks that are full by now (vLLM does it when it allocates them)."""
         if num_full > s.num_cached_blocks and self.cfg.enable_prefix_caching:
             if len(s.hashes) < num_full:
                 extend_block_hashes(s.hashes, s.req, self.block_size, num_full)
@@ -431,18 +434,17 @@ class Replica:
 
     def _steps_waiting_head_stays_blocked(self, k: int, allocs: list[int]) -> int:
         """How many of the next ``k`` decode steps leave the waiting head unschedulable (0 if the first
-        does not). Within a decode-only run the free queue only shrinks, so the head stays blocked until
-        a step evicts one of its cache hits (which can lower what it needs)."""
+        does not). Within a decode-only run the free queue only shrinks and the head's needs stay put
+        until a step evicts one of its cache hits. Tail-first freeing means such an eviction usually
+        lowers need and supply alike, but not provably always (duplicate blocks), so the run stops there."""
         cfg, kv = self.cfg, self.kv
         budget = cfg.max_num_batched_tokens - len(self.running)
         if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
             return k  # not even tried: nothing in a decode-only run changes that
         s = self.waiting[0]
-        hit = self._lookup(s)
+        hit = self._lookup(s)  # also makes the head's hits the cache's watched blocks
         if hit:  # the first step whose allocations evict one of the head's hits ends the run before it
-            taken = {b: pos for pos, b in enumerate(islice(kv.free, allocs[k - 1]))}
-            first = min(map(taken.get, hit, repeat(allocs[k - 1])))
-            k = bisect_right(allocs, first, 0, k)
+            k = bisect_right(allocs, kv.first_watched_in_free_queue(allocs[k - 1]), 0, k)
             if k == 0:
                 return 0
         hit_tokens = len(hit) * self.block_size

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from itertools import islice, repeat
+from itertools import compress, count, islice, repeat
 from typing import Protocol
 
 import numpy as np
@@ -161,6 +161,11 @@ class KVCache:
         self._watched = set(blocks)
         self.watch_evicted = False
 
+    def first_watched_in_free_queue(self, limit: int) -> int:
+        """Position of the first watched block among the next ``limit`` blocks to be taken, else ``limit``."""
+        flags = map(self._watched.__contains__, islice(self.free, limit))
+        return next(compress(count(), flags), limit)
+
     def num_blocks_to_allocate(self, num_blocks_held: int, num_tokens: int, computed: Sequence[int] = ()) -> int:
         """Free-queue blocks ``allocate_slots`` would take: new blocks plus hits that sit in the free queue."""
         new = max(0, -(-num_tokens // self.block_size) - num_blocks_held - len(computed))
@@ -220,15 +225,14 @@ class KVCache:
 
     def free_blocks(self, blocks: Sequence[int]) -> None:
         """Release a request's blocks, tail first, so its tail is evicted before its prefix."""
-        ref, free = self.ref, self.free
-        if list(map(ref.__getitem__, blocks)).count(1) == len(blocks):  # nothing shared: bulk
-            _consume(map(ref.__setitem__, blocks, repeat(0)))
-            free.update(zip(reversed(blocks), repeat(None)))
-            return
-        for b in reversed(blocks):
+        ref = self.ref
+        tail_first = blocks[::-1]
+        refs = list(map(ref.__getitem__, tail_first))
+        last_ref = list(compress(tail_first, map((1).__eq__, refs)))
+        for b in compress(tail_first, map((1).__lt__, refs)):  # shared with another request: stays used
             ref[b] -= 1
-            if ref[b] == 0:
-                free[b] = None
+        _consume(map(ref.__setitem__, last_ref, repeat(0)))
+        self.free.update(zip(last_ref, repeat(None)))
 
     def _evict(self, b: int) -> None:
         h = self.hash_of[b]
