@@ -21,7 +21,11 @@ from traces.workflow import make_workload  # noqa: E402
 
 @dataclass(frozen=True)
 class System:
-    """A serving system under test: a router, an optional scaler, and how many replicas it starts with."""
+    """A serving system under test: a router, an optional scaler, and how many replicas it starts with.
+
+    Every system starts with the whole cluster (one replica per GPU); autoscalers then shrink and grow it, so
+    no system pays a cold-start ramp the others do not.
+    """
 
     label: str
     router: str
@@ -33,11 +37,11 @@ class System:
 
 SYSTEMS: dict[str, System] = {
     "vllm": System("vLLM (round-robin)", "round_robin"),
-    "vllm-hpa": System("vLLM + K8s HPA", "round_robin", "hpa", initial_replicas=2),
+    "vllm-hpa": System("vLLM + K8s HPA", "round_robin", "hpa"),
     "sglang": System("SGLang cache-aware", "cache_aware"),
-    "pythia": System("Pythia", "pythia", "pythia", initial_replicas=2),
+    "pythia": System("Pythia", "pythia", "pythia"),
     "pythia-routing": System("Pythia routing only", "pythia"),
-    "pythia-scaling": System("Pythia scaling only", "round_robin", "pythia", initial_replicas=2),
+    "pythia-scaling": System("Pythia scaling only", "round_robin", "pythia"),
 }
 
 

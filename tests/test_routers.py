@@ -213,7 +213,7 @@ def load_up(r: Router, rid: int, n: int, blocks: int) -> None:
 
 
 def test_pythia_spreads_an_agent_only_when_the_imbalance_outweighs_its_prefix() -> None:
-    r = make_router("pythia", stall_weight=0.0)  # cost: uncached work outstanding + 2 x tokens to prefill
+    r = make_router("pythia", stall_weight=0.0, miss_weight=2.0)  # cost: work outstanding + 2 x tokens to prefill
     home = r.route(call(prompt(1, 256, 0, 20), agent="a"), views(4), 0.0)  # work 276 x 16 + 100 = 4516
     load_up(r, home, 1, 150)  # 2500 more: home 7016 + 2 x 320 < others 2 x 4416
     busy = [view(i, requests=2 if i == home else 0) for i in range(4)]
@@ -221,6 +221,21 @@ def test_pythia_spreads_an_agent_only_when_the_imbalance_outweighs_its_prefix() 
     load_up(r, home, 3, 150)  # home's 5 latest calls outstanding: 2500 + 420 + 3 x 2500 > 8832 - 640
     busier = [view(i, requests=5 if i == home else 0) for i in range(4)]
     assert r.route(call(prompt(1, 256, 2, 20), agent="a"), busier, 0.0) != home
+
+
+def test_pythia_default_miss_weight_holds_a_prefix_that_weight_2_would_give_up() -> None:
+    """A miss costs its prefill and a second copy of the prefix in KV memory: the default weighs it 4x.
+
+    Same load as the spreading test above: at weight 2 the agent's call leaves its busier home replica,
+    at the default 4 the 4416-token prefill it would redo (x 4) outweighs home's extra queued work.
+    """
+    for weight, stays in ((2.0, False), (None, True)):
+        kw = {} if weight is None else {"miss_weight": weight}
+        r = make_router("pythia", stall_weight=0.0, **kw)
+        home = r.route(call(prompt(1, 256, 0, 20), agent="a"), views(4), 0.0)
+        load_up(r, home, 4, 150)
+        busier = [view(i, requests=5 if i == home else 0) for i in range(4)]
+        assert (r.route(call(prompt(1, 256, 2, 20), agent="a"), busier, 0.0) == home) is stays
 
 
 def test_pythia_spreads_a_burst_of_one_agent_as_replicas_fill() -> None:
@@ -235,7 +250,7 @@ def test_pythia_spreads_a_burst_of_one_agent_as_replicas_fill() -> None:
 
 
 def test_pythia_keeps_a_conversation_where_its_history_is_unless_overloaded() -> None:
-    r = make_router("pythia", stall_weight=0.0)
+    r = make_router("pythia", stall_weight=0.0, miss_weight=2.0)
     turn1 = prompt(1, 50, 7, 500)
     home = r.route(call(turn1, session="s", job=3), views(4), 0.0)  # work 550 x 16 + 100 = 8900
     turn2 = turn1 + [9_999_000 + i for i in range(20)]
