@@ -48,6 +48,7 @@ class ClusterConfig:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None  # as vLLM's flag: KV blocks per replica instead of from memory
     coalesce_steps: bool = True
     # replica lifecycle: cold start = engine start-up + weights at the load bandwidth (45 s for an 8B model)
     engine_startup_s: float = 29.0
@@ -96,6 +97,8 @@ class Cluster:
             self._costs[p.name] = make_cost_model(cfg.gpu, p.model, p.tp)
             blocks = num_gpu_blocks(cfg.gpu, model, p.tp, block_size=cfg.block_size,
                                     gpu_memory_utilization=cfg.gpu_memory_utilization)
+            if cfg.num_gpu_blocks_override is not None:
+                blocks = cfg.num_gpu_blocks_override
             self._engine_cfg[p.name] = EngineConfig(
                 num_gpu_blocks=blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                 max_num_batched_tokens=cfg.max_num_batched_tokens,

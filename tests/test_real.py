@@ -28,6 +28,7 @@ from real.config import RealConfig
 from real.launcher import Launcher, ServerStartError, group_alive, live_servers, probe
 from real.metrics import MetricsError, replica_metrics
 from real.tokens import FIRST_TOKEN_ID, prompt_token_ids
+from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.schema import make_table
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -248,29 +249,24 @@ def workflow_table(base: int, jobs: int = 8, spacing_s: float = 0.5, output_toke
     return make_table(dict(rows))
 
 
-def predicted_cached_tokens(table, results, block_size: int = VLLM_BLOCK) -> dict[int, int]:
-    """vLLM's prefix-cache hits, from the block ids alone: the longest run of full ``block_size`` blocks
-    whose whole prefix an earlier call on the same replica also had, capped at prompt length - 1, with
-    no eviction. Calls count as earlier in the order they were routed."""
-    rows = table.set_index("request_id")
-    cached: dict[int, set] = defaultdict(set)
-    out = {}
-    for rid, replica in results.sort_values("routed_s")[["request_id", "replica_id"]].itertuples(index=False):
-        ids, hbs, n = rows.at[rid, "block_hashes"], rows.at[rid, "hash_block_size"], rows.at[rid, "input_tokens"]
-        keys = []  # chain key of each full block whose tokens the block ids name
-        for j in range(n // block_size):
-            end = (j + 1) * block_size
-            if end > len(ids) * hbs:
-                break
-            keys.append(tuple(ids[: -(-end // hbs)]))
-        hit = 0
-        for key in keys[: (n - 1) // block_size]:
-            if key not in cached[replica]:
-                break
-            hit += 1
-        out[rid] = hit * block_size
-        cached[replica].update(keys)
-    return out
+class ReplayPlacement:
+    """A router that sends each call where the real run sent it, so the simulator sees the same placement."""
+
+    def __init__(self, placement: dict[int, int]):
+        self.placement = placement
+
+    def route(self, request, replicas, now):
+        return self.placement[request.request_id]
+
+
+def simulated_cached_tokens(table, results, num_gpu_blocks: int) -> dict[int, int]:
+    """The simulator's prediction of each call's cached tokens, given the real run's placement: the same
+    table on two simulated replicas of the tiny model with vLLM's CPU block size (32) and KV size."""
+    cfg = ClusterConfig(gpu="a100-80gb", num_gpus=2, pools=(PoolConfig(model="tiny-llama", initial_replicas=2),),
+                        block_size=VLLM_BLOCK, num_gpu_blocks_override=num_gpu_blocks)
+    placement = dict(zip(results["request_id"], results["replica_id"], strict=True))
+    sim = simulate(table, cfg, ReplayPlacement(placement)).requests
+    return dict(zip(sim["request_id"], sim["cached_tokens"], strict=True))
 
 
 @pytest.mark.real
@@ -285,7 +281,7 @@ def test_prefix_aware_routing_hits_where_predicted_and_beats_round_robin(servers
         assert list(req.columns) == RESULT_COLUMNS
         assert len(req) == len(table) and (req["status"] == "ok").all(), res.failures
         assert set(req["replica_id"]) == {0, 1}
-        predicted = predicted_cached_tokens(table, req)
+        predicted = simulated_cached_tokens(table, req, cfg.num_gpu_blocks)
         got = dict(zip(req["request_id"], req["cached_tokens"], strict=True))
         assert got == predicted, f"{name}: {[(r, got[r], predicted[r]) for r in got if got[r] != predicted[r]]}"
         assert (req["first_token_s"] >= req["routed_s"]).all() and (req["finish_s"] >= req["first_token_s"]).all()
