@@ -169,7 +169,9 @@ def test_launcher_reports_a_server_that_dies_at_start(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_no_server_survives_its_runner_being_interrupted(tmp_path, sig):
     runner = textwrap.dedent(f'''
-        import os, sys, time
+        import os, signal, sys, time
+        # As at an interactive prompt: a runner started in the background inherits SIGINT as ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from real.launcher import Launcher, free_port
         with Launcher({str(tmp_path)!r}) as launcher:
             port = free_port()
