@@ -7,6 +7,7 @@ the offending row and column instead of letting a bad value fail deep inside a b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,43 +108,34 @@ def _as_int_list(v: object) -> list[int]:
     return [int(x) for x in v]  # type: ignore[union-attr]
 
 
+def _refuse(bad: np.ndarray, source: str, message: Callable[[int], str]) -> None:
+    """Raise WorkloadError for the first row where ``bad`` holds."""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise WorkloadError(f"{_where(source, i)}: {message(i)}")
+
+
 def validate(df: pd.DataFrame, source: str = "workload") -> pd.DataFrame:
     """Check a canonical table; raise WorkloadError naming the first bad row and field."""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise WorkloadError(f"{source}: missing column(s) {missing}; build tables with traces.schema.make_table")
     ids = df["request_id"].to_numpy()
-    dup = pd.Index(ids).duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise WorkloadError(f"{_where(source, i)}: request_id {ids[i]} appears twice; ids must be unique")
-    for col in ("input_tokens", "output_tokens"):
+    _refuse(pd.Index(ids).duplicated(), source, lambda i: f"request_id {ids[i]} appears twice; ids must be unique")
+    for col, low in (("input_tokens", 1), ("output_tokens", 0)):
         v = df[col].to_numpy()
-        bad = v < (1 if col == "input_tokens" else 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise WorkloadError(f"{_where(source, i)}: {col}={v[i]} must be "
-                                f"{'>= 1' if col == 'input_tokens' else '>= 0'}")
+        _refuse(v < low, source, lambda i: f"{col}={v[i]} must be >= {low}")  # noqa: B023 (called at once)
     arr = df["arrival_s"].to_numpy()
-    bad = ~np.isfinite(arr) | (arr < 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise WorkloadError(f"{_where(source, i)}: arrival_s={arr[i]} must be a finite time >= 0")
+    _refuse(~np.isfinite(arr) | (arr < 0), source, lambda i: f"arrival_s={arr[i]} must be a finite time >= 0")
     roots = np.flatnonzero(np.fromiter((len(p) == 0 for p in df["parents"]), bool, len(df)))
-    back = np.flatnonzero(np.diff(arr[roots]) < 0)
-    if len(back):
-        i = int(roots[back[0] + 1])
-        raise WorkloadError(f"{_where(source, i)}: arrival_s={arr[i]} is earlier than the previous call's "
-                            f"{arr[roots[back[0]]]}; calls without parents must be in arrival order (sort them)")
+    back = np.zeros(len(df), bool)
+    back[roots[1:][np.diff(arr[roots]) < 0]] = True
+    _refuse(back, source, lambda i: f"arrival_s={arr[i]} is earlier than an earlier call's; calls without parents "
+                                    "must be in arrival order (sort them)")
     think = df["think_s"].to_numpy()
-    bad = ~np.isfinite(think) | (think < 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise WorkloadError(f"{_where(source, i)}: think_s={think[i]} must be finite and >= 0")
+    _refuse(~np.isfinite(think) | (think < 0), source, lambda i: f"think_s={think[i]} must be finite and >= 0")
     hbs = df["hash_block_size"].to_numpy()
-    if (hbs < 1).any():
-        i = int(np.flatnonzero(hbs < 1)[0])
-        raise WorkloadError(f"{_where(source, i)}: hash_block_size={hbs[i]} must be >= 1")
+    _refuse(hbs < 1, source, lambda i: f"hash_block_size={hbs[i]} must be >= 1")
     inp = df["input_tokens"].to_numpy()
     for i, (blocks, size) in enumerate(zip(df["block_hashes"], hbs, strict=True)):
         if len(blocks) > -(-int(inp[i]) // int(size)):
