@@ -24,7 +24,8 @@ import numpy as np
 from policies.api import SCALERS, ClusterObservation, PoolObservation, ScaleAction
 from policies.scalers import fit_to_gpus
 
-# 1: per pool 17 features (below) + free GPU share, stacked over `history` control intervals.
+# The version of the policy's interface: the features (per pool POOL_FEATURES, then the free GPU share,
+# stacked over `history` control intervals) and the meaning of its actions (targets_from_action).
 ENCODER_VERSION = 1
 CHECKPOINT_FORMAT = "pythia-rl-scaler"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ppo-scaler"
@@ -103,11 +104,11 @@ class FeatureEncoder:
 
 
 def targets_from_action(obs: ClusterObservation, action: Sequence[int] | np.ndarray, pools: Sequence[str],
-                        max_step: int, min_replicas: int = 1) -> dict[str, int]:
-    """Action k in [0, 2 * max_step] for each pool means "change its active replicas by k - max_step",
-    bounded below by ``min_replicas`` and above by the free GPUs (``fit_to_gpus``, as every scaler)."""
-    wants = {p: obs.pools[p].num_active + int(a) - max_step for p, a in zip(pools, action, strict=True)}
-    return fit_to_gpus(obs, wants, min_replicas)
+                        min_replicas: int = 1) -> dict[str, int]:
+    """Action k for each pool means "run k + 1 replicas", bounded below by ``min_replicas`` and, for scale-ups,
+    by the free GPUs (``fit_to_gpus``, as every scaler). Naming the count, not a step, makes "hold N" one
+    constant action, which PPO finds far more easily than a feedback loop of +1/-1 steps."""
+    return fit_to_gpus(obs, {p: int(a) + 1 for p, a in zip(pools, action, strict=True)}, min_replicas)
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -135,7 +136,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
         raise ValueError(f"{json_path}: the policy was trained on feature encoder version {version}, but this code "
                          f"encodes version {ENCODER_VERSION}; its inputs would not mean what it learned. Retrain "
                          "it (`python -m experiments.run train-scaler`) or use the code it was trained with.")
-    for key in ("pools", "history", "max_step", "min_replicas"):
+    for key in ("pools", "history", "min_replicas"):
         if key not in meta:
             raise ValueError(f"{json_path}: missing field '{key}'")
     return meta
@@ -159,7 +160,6 @@ class RLScaler:
         if self.model.observation_space.shape != expected:
             raise ValueError(f"{checkpoint_paths(path)[0]}: the model takes observations of shape "
                              f"{self.model.observation_space.shape}, the encoder makes {expected}")
-        self.max_step = int(self.meta["max_step"])
         self.min_replicas = int(self.meta["min_replicas"] if min_replicas is None else min_replicas)
         if self.min_replicas < 0:
             raise ValueError(f"min_replicas must be >= 0, got {self.min_replicas}")
@@ -167,8 +167,7 @@ class RLScaler:
 
     def decide(self, obs: ClusterObservation) -> ScaleAction:
         action, _ = self.model.predict(self.encoder.encode(obs), deterministic=self.deterministic)
-        return ScaleAction(targets_from_action(obs, np.atleast_1d(action), self.pools, self.max_step,
-                                               self.min_replicas))
+        return ScaleAction(targets_from_action(obs, np.atleast_1d(action), self.pools, self.min_replicas))
 
 
 SCALERS["rl"] = RLScaler

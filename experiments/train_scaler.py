@@ -1,0 +1,199 @@
+"""`python -m experiments.run train-scaler [--timesteps N] [--quick]`: train the RL scaler with PPO.
+
+PPO (stable-baselines3) on ``sim.env.ScalingEnv`` episodes of the ``train`` split, several environments in
+parallel (``--jobs`` > 1: one process each, else in this process; the result is the same). Every
+``eval_every`` steps the deterministic policy plays the same ``val`` episodes (seeds 0..n-1), and so do
+the heuristic Pythia scaler and a static full cluster once, for reference; the policy saved is the one
+that scored best there (the ``test`` windows of fig12 are never looked at). TensorBoard logs go to
+``runs/train-scaler/`` (``tensorboard --logdir runs``).
+
+Writes ``OUT/train-scaler.zip`` (``model.save``), ``OUT/train-scaler.json`` (encoder version, action
+mapping, environment and reward config, training config, the learning curve), and the learning curve as
+``OUT/train-scaler.csv`` / ``.png``. The shipped checkpoint ``policies/checkpoints/ppo-scaler.{zip,json}``
+is a copy of those two files from a full run (``--jobs 2``, seed 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import stable_baselines3  # noqa: E402
+import torch  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize  # noqa: E402
+
+from policies.api import make_scaler  # noqa: E402
+from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, POOL_FEATURES, checkpoint_paths  # noqa: E402
+from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout  # noqa: E402
+
+NAME = "train-scaler"
+RUNS_DIR = Path("runs")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    timesteps: int = 80_000
+    n_envs: int = 2
+    n_steps: int = 256  # per environment per PPO update
+    batch_size: int = 128
+    n_epochs: int = 10
+    learning_rate: float = 3e-4
+    gamma: float = 0.98  # 5 s steps: a ~4 min horizon, several cold starts long
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.01
+    net_arch: tuple[int, ...] = (64, 64)
+    eval_every: int = 8_000  # environment steps between evaluations
+    eval_episodes: int = 6
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+
+FULL = TrainConfig()
+QUICK = TrainConfig(timesteps=2048, n_envs=1, n_steps=256, batch_size=64, eval_every=1024, eval_episodes=2,
+                    env=EnvConfig(episode_s=120.0))
+
+
+class CurveCallback(BaseCallback):
+    """Mean training episode reward, and the deterministic policy's score on fixed validation episodes."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.val_env = ScalingEnv(replace(cfg.env, split="val"))
+        self.seeds = list(range(cfg.eval_episodes))
+        self.next_eval = cfg.eval_every
+        self.train_rewards: list[float] = []
+        self.rows: list[dict] = []
+        self.best: tuple[int, float, dict] | None = None  # (timesteps, val reward, policy weights)
+        for label, name, params in (("pythia heuristic", "pythia", {}),
+                                    ("static full", "static", {"replicas": cfg.env.cluster.num_gpus})):
+            runs = [rollout(self.val_env, s, make_scaler(name, **params)) for s in self.seeds]
+            self.rows.append({"timesteps": 0, "curve": f"val {label}", **_mean(runs)})
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            if "episode" in info:  # added by the Monitor wrapper when an episode ends
+                self.train_rewards.append(float(info["episode"]["r"]))
+        if self.num_timesteps >= self.next_eval:
+            self._evaluate()
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.rows[-1]["timesteps"] != self.num_timesteps:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        act = lambda x: self.model.predict(x, deterministic=True)[0]
+        val = _mean([rollout(self.val_env, s, act) for s in self.seeds])
+        train = float(np.mean(self.train_rewards)) if self.train_rewards else float("nan")
+        self.train_rewards.clear()
+        if self.best is None or val["reward"] > self.best[1]:
+            self.best = (self.num_timesteps, val["reward"], copy.deepcopy(self.model.policy.state_dict()))
+        self.rows.append({"timesteps": self.num_timesteps, "curve": "val PPO", **val})
+        self.rows.append({"timesteps": self.num_timesteps, "curve": "train PPO", "reward": train})
+        for k, v in val.items():
+            self.logger.record(f"val/{k}", v)
+        self.logger.record("train/mean_episode_reward", train)
+        self.logger.dump(self.num_timesteps)
+        self.next_eval = self.num_timesteps + self.cfg.eval_every
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["timesteps", "curve", "reward", "slo_violations", "gpu_seconds"])
+
+
+def _mean(runs: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in runs])) for k in ("reward", "slo_violations", "gpu_seconds")}
+
+
+def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = None, subproc: bool = False
+          ) -> pd.DataFrame:
+    """Train PPO, save ``save_to``.zip/.json, return the learning curve."""
+    torch.set_num_threads(1)  # a 64x64 MLP: threads only contend with the environment processes
+    t0 = time.perf_counter()
+    venv = make_vec_env(ScalingEnv, n_envs=cfg.n_envs, seed=seed, env_kwargs={"config": cfg.env},
+                        vec_env_cls=SubprocVecEnv if subproc and cfg.n_envs > 1 else DummyVecEnv)
+    # Rewards scaled by a running estimate of the return's spread, for the value function's sake; the
+    # observations are left alone: the policy must take exactly what FeatureEncoder gives RLScaler.
+    venv = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=cfg.gamma)
+    model = PPO("MlpPolicy", venv, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+                learning_rate=cfg.learning_rate, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef,
+                policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed, device="cpu",
+                tensorboard_log=str(log_dir) if log_dir else None, verbose=0)
+    curve = CurveCallback(cfg)
+    try:
+        model.learn(cfg.timesteps, callback=curve, tb_log_name=f"ppo-seed{seed}")
+    finally:
+        venv.close()
+    # Keep the policy that scored best on the validation windows (never the test windows fig12 uses).
+    selected_at, _, weights = curve.best
+    model.policy.load_state_dict(weights)
+    zip_path, json_path = checkpoint_paths(save_to)
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(zip_path)
+    table = curve.table()
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "encoder_version": ENCODER_VERSION,
+        "features": list(POOL_FEATURES) + ["free_gpu_share"],
+        "pools": cfg.env.pools, "history": cfg.env.history,
+        "min_replicas": cfg.env.min_replicas,
+        "env_id": ENV_ID,
+        "reward": {"w_slo": cfg.env.w_slo, "w_gpu": cfg.env.w_gpu,
+                   "definition": "-(w_slo * calls over their SLO + w_gpu * GPU-seconds) per control interval"},
+        "workloads": {"trace": cfg.env.trace, "trace_split": "train", "trace_rate_scale": cfg.env.trace_rate_scale,
+                      "trace_slo_s": cfg.env.trace_slo_s, "workflow": cfg.env.workflow,
+                      "workflow_rate": cfg.env.workflow_rate},
+        "env_config": asdict(cfg.env),
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "env"},
+        "algorithm": "PPO", "seed": seed, "timesteps": int(model.num_timesteps), "selected_at": selected_at,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "versions": {"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "curve": json.loads(table.to_json(orient="records")),
+    }
+    json_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return table
+
+
+def plot_curve(table: pd.DataFrame, ax) -> None:
+    """Reward per episode vs training steps; heuristic references as horizontal lines."""
+    for name, g in table.groupby("curve", sort=False):
+        if name.startswith("val ") and name != "val PPO":
+            ax.axhline(g["reward"].iloc[0], ls="--", lw=1, label=f"{name} (reference)",
+                       color="C2" if "pythia" in name else "C3")
+        else:
+            ax.plot(g["timesteps"], g["reward"], marker="o" if name == "val PPO" else None, ms=3,
+                    lw=1.5 if name == "val PPO" else 0.8, label=name, color="C0" if name == "val PPO" else "C7")
+    ax.set_xlabel("training steps (control intervals)")
+    ax.set_ylabel("reward per episode")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def run(quick: bool, seed: int, out: Path, jobs: int = 1, timesteps: int | None = None) -> pd.DataFrame:
+    cfg = QUICK if quick else FULL
+    if timesteps is not None:
+        if timesteps < 1:
+            raise ValueError(f"--timesteps must be >= 1, got {timesteps}")
+        cfg = replace(cfg, timesteps=timesteps)
+    table = train(cfg, seed, out / NAME, RUNS_DIR / NAME, subproc=jobs > 1)
+    table.to_csv(out / f"{NAME}.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    plot_curve(table, ax)
+    ax.set_title(f"PPO scaler on {ENV_ID} ({cfg.timesteps} steps, seed {seed})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{NAME}.png", dpi=120)
+    plt.close(fig)
+    return table

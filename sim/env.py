@@ -1,0 +1,310 @@
+"""A gymnasium environment for learning to scale: one step is one control interval of a simulated cluster.
+
+The agent plays the ``Scaler``: it sees each ``ClusterObservation`` through ``policies.rl.FeatureEncoder``
+(the encoder ``RLScaler`` uses on the real executor) and answers, per pool, how many replicas to run
+(``policies.rl.targets_from_action``, clamped like every scaler by ``fit_to_gpus``). The reward of an
+interval is
+
+    -(w_slo * calls whose SLO deadline passed in the interval before they finished
+      + w_gpu * GPU-seconds held in the interval)
+
+A late call is charged once, when it becomes late (see ``_Deadlines``), so the penalty follows the
+decisions that caused it and delaying calls past the end of an episode does not pay.
+
+Episodes (``sample_episode``) superpose two workloads, both seeded by the episode's random generator:
+a window of a real request trace (Azure 2023 code: bursty arrivals, real prompt and output lengths),
+replayed ``rate_scale`` times faster, and jobs of a ``workflow.yaml`` (coding assistant) started by an
+on/off (bursty) process. Trace calls carry no SLO, so each gets ``trace_slo_s``.
+
+Held-out evaluation. The trace's timeline is cut into three disjoint parts (``SPLITS``, fractions of its
+length): windows of the ``train`` split are the only ones training sees, ``val`` is for periodic
+evaluation during training, ``test`` for the final comparison (fig12). A window lies entirely inside its
+split. Workflow jobs of each split come from disjoint generator seed ranges (``SEED_BASE``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+
+from policies.api import ClusterObservation, Scaler, make_router
+from policies.frontend import CallRecord
+from policies.rl import FEATURE_CLIP, FeatureEncoder, targets_from_action
+from sim.cluster import ClusterConfig, PoolConfig, Simulation
+from traces.arrivals import OnOff
+from traces.loaders import load_trace
+from traces.schema import make_table
+from traces.workflow import make_workload
+
+ENV_ID = "PythiaScaling-v0"
+SPLITS: dict[str, tuple[float, float]] = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
+SEED_BASE: dict[str, int] = {"train": 0, "val": 2**31, "test": 2**32}
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything an episode depends on besides its seed (stored with a trained checkpoint)."""
+
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(
+        gpu="a100-40gb", num_gpus=8, pools=(PoolConfig("default", "llama-3.1-8b"),)))
+    router: str = "round_robin"
+    split: str = "train"
+    episode_s: float = 300.0  # simulated seconds per episode (arrivals and control)
+    initial_replicas: tuple[int, int] = (1, 8)  # per pool, drawn uniformly (inclusive)
+    # workload: a trace window plus workflow jobs
+    trace: str = "azure-code"
+    trace_rate_scale: tuple[float, float] = (1.0, 2.0)  # drawn uniformly: the window is replayed this much faster
+    trace_slo_s: float = 10.0
+    workflow: str = "coding-assistant"
+    workflow_rate: tuple[float, float] = (0.1, 0.6)  # mean jobs/s, drawn uniformly; 0 disables the workflow
+    # action and reward
+    min_replicas: int = 1
+    history: int = 3
+    w_slo: float = 0.1  # one call over its SLO costs as much as two GPUs for one 5 s interval
+    w_gpu: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split '{self.split}' is not one of {list(SPLITS)}")
+        if not self.episode_s >= self.cluster.control_interval_s:
+            raise ValueError(f"episode_s={self.episode_s} must cover at least one control interval "
+                             f"({self.cluster.control_interval_s} s)")
+        lo, hi = self.initial_replicas
+        if not 1 <= lo <= hi:
+            raise ValueError(f"initial_replicas={self.initial_replicas} must be (low, high) with 1 <= low <= high")
+        for name in ("trace_rate_scale", "workflow_rate"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi or (name == "trace_rate_scale" and lo <= 0):
+                raise ValueError(f"{name}={getattr(self, name)} must be (low, high) with 0 < low <= high")
+        if self.history < 1 or self.min_replicas < 0:
+            raise ValueError(f"need history >= 1 and min_replicas >= 0; got {self.history}, {self.min_replicas}")
+        if self.w_slo < 0 or self.w_gpu < 0:
+            raise ValueError(f"reward weights must be >= 0, got w_slo={self.w_slo}, w_gpu={self.w_gpu}")
+
+    @property
+    def pools(self) -> list[str]:
+        return [p.name for p in self.cluster.pools]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EnvConfig:
+        """Inverse of ``to_dict`` (e.g. the ``env_config`` stored with a checkpoint)."""
+        d = dict(d)
+        cluster = dict(d.pop("cluster"))
+        cluster["pools"] = tuple(PoolConfig(**p) for p in cluster["pools"])
+        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        return cls(cluster=ClusterConfig(**cluster), **{**d, **tuples})
+
+
+@dataclass
+class Episode:
+    table: pd.DataFrame
+    cluster: ClusterConfig  # with this episode's initial replicas
+    about: dict  # what was drawn (window, rates, seeds)
+
+
+@lru_cache(maxsize=4)
+def _trace(name: str) -> pd.DataFrame:
+    return load_trace(name)
+
+
+def trace_window(name: str, split: str, length_s: float, rng: np.random.Generator) -> tuple[float, pd.DataFrame]:
+    """A random window of ``length_s`` trace seconds inside ``split``: (start, rows with times from 0)."""
+    full = _trace(name)
+    span = float(full["arrival_s"].max())
+    lo, hi = (f * span for f in SPLITS[split])
+    if length_s > hi - lo:
+        raise ValueError(f"a window of {length_s:.0f} s of '{name}' does not fit its {split} split "
+                         f"[{lo:.0f}, {hi:.0f}) s; shorten episode_s or lower trace_rate_scale")
+    start = float(rng.uniform(lo, hi - length_s))
+    t = full["arrival_s"].to_numpy()
+    rows = full[(t >= start) & (t < start + length_s)].copy()
+    rows["arrival_s"] = rows["arrival_s"] - start
+    return start, rows
+
+
+def merge_tables(tables: list[pd.DataFrame], source: str) -> pd.DataFrame:
+    """One table from several: request ids (and parents) renumbered, rows in arrival order."""
+    parts, offset = [], 0
+    for t in tables:
+        t = t.copy()
+        t["request_id"] = t["request_id"] + offset
+        t["parents"] = [[p + offset for p in ps] for ps in t["parents"]]
+        offset = int(t["request_id"].max()) + 1 if len(t) else offset
+        parts.append(t)
+    merged = pd.concat(parts, ignore_index=True).sort_values("arrival_s", kind="stable").reset_index(drop=True)
+    return make_table(merged, source)
+
+
+BANK_JOBS = 256  # workflow jobs generated once per process and split; an episode draws its jobs from them
+
+
+@lru_cache(maxsize=8)
+def job_bank(workflow: str, split: str) -> pd.DataFrame:
+    """``BANK_JOBS`` jobs of ``workflow`` (seeded by the split), each with times from its own start and
+    ``parents`` as row offsets within the job: generating jobs is slower than simulating them, so an
+    episode re-places these instead of generating its own."""
+    t = make_workload(workflow, rate=1.0, num_jobs=BANK_JOBS, seed=SEED_BASE[split])
+    t = t.sort_values("job_id", kind="stable").reset_index(drop=True)  # a job's rows together, in release order
+    t["arrival_s"] = t["arrival_s"] - t.groupby("job_id")["arrival_s"].transform("min")
+    row_of = dict(zip(t["request_id"].tolist(), range(len(t)), strict=True))
+    first = t.groupby("job_id")["request_id"].transform("first").map(row_of).tolist()
+    t["parents"] = [[row_of[p] - f for p in ps] for ps, f in zip(t["parents"], first, strict=True)]
+    return t
+
+
+def place_jobs(bank: pd.DataFrame, starts: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    """Distinct bank jobs (while the bank lasts) started at ``starts``, renumbered as a fresh workload."""
+    groups = list(bank.groupby("job_id", sort=True).indices.values())
+    n, size = len(starts), len(groups)
+    rows = [groups[j] for j in rng.choice(size, size=n, replace=n > size)]
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    t = bank.iloc[np.concatenate(rows) if n else []].reset_index(drop=True)
+    job = np.repeat(np.arange(n), lengths)
+    base = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    t["request_id"] = np.arange(len(t))
+    t["parents"] = [[b + p for p in ps] for ps, b in zip(t["parents"], base.tolist(), strict=True)]
+    t["arrival_s"] = t["arrival_s"].to_numpy() + starts[job]
+    t["job_id"] = job
+    t["session_id"] = [f"{w}-{j}" for w, j in zip(t["workflow"], job.tolist(), strict=True)]
+    return t
+
+
+def sample_episode(cfg: EnvConfig, rng: np.random.Generator) -> Episode:
+    """Draw one episode's workload and initial cluster from ``cfg`` (see the module docstring)."""
+    scale = float(rng.uniform(*cfg.trace_rate_scale))
+    start, calls = trace_window(cfg.trace, cfg.split, cfg.episode_s * scale, rng)
+    calls["arrival_s"] = calls["arrival_s"] / scale
+    calls["slo_s"] = cfg.trace_slo_s
+    parts = [calls]
+    rate = float(rng.uniform(*cfg.workflow_rate))
+    if rate > 0:
+        # bursts at 3x the mean rate for 30 s, lulls at 0.25x for 60 s (mean ~1.2x): a bursty job mix
+        starts = OnOff(3 * rate, 0.25 * rate, 30.0, 60.0).times(rng, duration_s=cfg.episode_s)
+        parts.append(place_jobs(job_bank(cfg.workflow, cfg.split), starts, rng))
+    table = merge_tables(parts, f"episode ({cfg.split}: {cfg.trace} from {start:.0f} s x{scale:.2f}, "
+                                f"{cfg.workflow} at {rate:.2f} jobs/s)")
+    lo, hi = cfg.initial_replicas
+    pools = tuple(replace(p, initial_replicas=min(int(rng.integers(lo, hi + 1)), cfg.cluster.num_gpus // p.tp))
+                  for p in cfg.cluster.pools)
+    about = {"split": cfg.split, "trace_start_s": start, "trace_rate_scale": scale, "workflow_rate": rate,
+             "workflow_jobs": len(parts[1]["job_id"].unique()) if rate > 0 else 0,
+             "initial_replicas": [p.initial_replicas for p in pools], "num_calls": len(table)}
+    return Episode(table, replace(cfg.cluster, pools=pools), about)
+
+
+class ScalingEnv(gym.Env):
+    """One episode = one sampled workload on a fresh simulated cluster; one step = one control interval."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: EnvConfig | None = None, **overrides: object):
+        self.config = cfg = replace(config or EnvConfig(), **overrides)
+        self.pools = cfg.pools
+        self.encoder = FeatureEncoder(self.pools, cfg.history)
+        self.observation_space = gym.spaces.Box(0.0, FEATURE_CLIP, (self.encoder.size,), np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([cfg.cluster.num_gpus // p.tp for p in cfg.cluster.pools])
+        self.interval_s = cfg.cluster.control_interval_s
+        self.sim: Simulation | None = None
+        self._obs: ClusterObservation | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.episode = sample_episode(self.config, self.np_random)
+        self.sim = Simulation(self.episode.table, self.episode.cluster, make_router(self.config.router))
+        self.encoder.reset()
+        self._deadlines = _Deadlines(self.sim.front.calls)
+        self.sim.run(until=self.interval_s)
+        self._obs = self.sim.cluster.observe()
+        return self.encoder.encode(self._obs), dict(self.episode.about)
+
+    @property
+    def cluster_observation(self) -> ClusterObservation:
+        """The latest observation, as a ``Scaler`` would receive it."""
+        if self._obs is None:
+            raise RuntimeError("call reset() first")
+        return self._obs
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        cfg = self.config
+        obs = self.cluster_observation
+        return self.advance(targets_from_action(obs, np.atleast_1d(action), self.pools, cfg.min_replicas))
+
+    def advance(self, targets: dict[str, int]) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Apply replica targets (from an action, or from any ``Scaler``) and run one control interval."""
+        cfg, cluster = self.config, self.sim.cluster
+        cluster.apply(targets)
+        gpus_before = cluster.gpus_in_use()
+        now = self.cluster_observation.now + self.interval_s
+        finished = self.sim.run(until=now)
+        self._obs = obs = cluster.observe()
+        # GPUs held over the interval: trapezoid between just after the decision and its end
+        gpu_seconds = 0.5 * (gpus_before + obs.total_gpus - obs.free_gpus) * self.interval_s
+        violations = self._deadlines.late_by(now)
+        truncated = finished or now >= cfg.episode_s - 1e-9
+        reward = -(cfg.w_slo * violations + cfg.w_gpu * gpu_seconds)
+        info = {"slo_violations": violations, "gpu_seconds": gpu_seconds,
+                "replicas": {p: obs.pools[p].num_active for p in self.pools}}
+        return self.encoder.encode(obs), float(reward), False, truncated, info
+
+
+class _Deadlines:
+    """Charges each call once, when its SLO deadline (release + slo_s) passes, if it has not finished by then.
+
+    The penalty lands in the interval where the call became late, not when it finally finishes (maybe
+    minutes, or episodes, later), so it follows the decisions that caused it closely.
+    """
+
+    def __init__(self, calls: dict[int, CallRecord]):
+        self.calls = calls  # the front end's ledger, in release order
+        self._seen = 0
+        self._heap: list[tuple[float, int]] = []
+
+    def late_by(self, now: float) -> int:
+        for c in itertools.islice(self.calls.values(), self._seen, None):
+            if not math.isnan(c.slo_s):
+                heapq.heappush(self._heap, (c.release_s + c.slo_s, c.request_id))
+        self._seen = len(self.calls)
+        late = 0
+        while self._heap and self._heap[0][0] <= now:
+            deadline, rid = heapq.heappop(self._heap)
+            c = self.calls[rid]
+            late += not (c.status == "ok" and c.finish_s <= deadline)
+        return late
+
+
+def _register() -> None:
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="sim.env:ScalingEnv", disable_env_checker=False)
+
+
+_register()
+
+
+def rollout(env: ScalingEnv, seed: int, policy: Scaler | Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+    """Play one episode (``reset(seed=seed)``) with a ``Scaler`` or with a function features -> action;
+    return its totals in the environment's own accounting."""
+    x, _ = env.reset(seed=seed)
+    totals = {"reward": 0.0, "slo_violations": 0.0, "gpu_seconds": 0.0, "steps": 0.0}
+    done = False
+    while not done:
+        if isinstance(policy, Scaler):
+            x, reward, terminated, truncated, info = env.advance(policy.decide(env.cluster_observation).target_replicas)
+        else:
+            x, reward, terminated, truncated, info = env.step(policy(x))
+        totals["reward"] += reward
+        totals["slo_violations"] += info["slo_violations"]
+        totals["gpu_seconds"] += info["gpu_seconds"]
+        totals["steps"] += 1
+        done = terminated or truncated
+    return totals

@@ -1,0 +1,176 @@
+# ruff: noqa: E402  (imports follow the importorskip of the optional RL packages)
+"""The RL scaling environment, the feature encoder, PPO training end to end and the RLScaler artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+gym = pytest.importorskip("gymnasium", reason="the RL tests need the 'rl' extra: pip install -e '.[rl]'")
+pytest.importorskip("stable_baselines3", reason="the RL tests need the 'rl' extra: pip install -e '.[rl]'")
+from gymnasium.utils.env_checker import check_env
+
+from policies.api import ClusterObservation, PoolObservation, ReplicaView, make_router, make_scaler
+from policies.rl import ENCODER_VERSION, FeatureEncoder, RLScaler, targets_from_action
+from sim.cluster import simulate
+from sim.env import ENV_ID, SPLITS, EnvConfig, ScalingEnv, rollout, sample_episode, trace_window
+
+# Small episodes keep every test cheap; the defaults are exercised by the training test and fig12.
+SMALL = EnvConfig(episode_s=40.0, trace_rate_scale=(1.0, 1.5), workflow_rate=(0.1, 0.3))
+
+
+def test_check_env_passes() -> None:
+    check_env(ScalingEnv(SMALL), skip_render_check=True)
+
+
+def test_registered_under_a_versioned_id() -> None:
+    env = gym.make(ENV_ID, config=SMALL)
+    x, info = env.reset(seed=1)
+    assert env.observation_space.contains(x)
+    assert env.action_space == gym.spaces.MultiDiscrete([8])  # 1..8 replicas on 8 GPUs
+    assert info["split"] == "train" and info["num_calls"] > 0
+    env.close()
+
+
+def _play(seed: int, actions: list[int]) -> tuple[list[np.ndarray], list[float]]:
+    env = ScalingEnv(SMALL)
+    x, _ = env.reset(seed=seed)
+    xs, rs = [x], []
+    for a in actions:
+        x, r, terminated, truncated, _ = env.step(np.array([a]))
+        xs.append(x)
+        rs.append(r)
+        if terminated or truncated:
+            break
+    return xs, rs
+
+
+def test_reset_with_a_seed_reproduces_observations_and_rewards() -> None:
+    actions = [5, 7, 1, 0, 2, 3, 0, 7]
+    xs1, rs1 = _play(3, actions)
+    xs2, rs2 = _play(3, actions)
+    assert rs1 == rs2 and all(np.array_equal(a, b) for a, b in zip(xs1, xs2, strict=True))
+    xs3, _ = _play(4, actions)
+    assert not all(np.array_equal(a, b) for a, b in zip(xs1, xs3, strict=False))
+
+
+def test_episode_length_is_the_horizon_in_control_intervals() -> None:
+    _, rs = _play(0, [3] * 100)
+    assert len(rs) == math.ceil(SMALL.episode_s / SMALL.cluster.control_interval_s) - 1
+
+
+def test_train_and_held_out_windows_never_overlap() -> None:
+    span = {}
+    for split in SPLITS:
+        rng = np.random.default_rng(0)
+        span[split] = [trace_window("azure-code", split, 600.0, rng)[0] for _ in range(50)]
+    end_train = max(span["train"]) + 600.0
+    assert end_train <= min(span["val"]) and max(span["val"]) + 600.0 <= min(span["test"])
+    with pytest.raises(ValueError, match="does not fit its test split"):
+        trace_window("azure-code", "test", 2000.0, np.random.default_rng(0))
+
+
+def test_held_out_episodes_use_other_workflow_jobs() -> None:
+    def prompts(split: str) -> set[tuple[int, ...]]:
+        t = sample_episode(replace(SMALL, split=split, workflow_rate=(1.0, 1.0)), np.random.default_rng(0)).table
+        return {tuple(h) for h, a in zip(t["block_hashes"], t["agent"], strict=True) if a == "planner"}
+
+    assert prompts("train") and not prompts("train") & prompts("test")
+
+
+def test_episode_calls_all_have_an_slo() -> None:
+    ep = sample_episode(SMALL, np.random.default_rng(5))
+    assert ep.table["slo_s"].notna().all()
+    assert (ep.table.loc[ep.table["workflow"] == "", "slo_s"] == SMALL.trace_slo_s).all()
+
+
+def test_reward_charges_gpu_seconds() -> None:
+    """Without SLO weight, a policy that adds replicas pays more than one that removes them."""
+    env = ScalingEnv(replace(SMALL, w_slo=0.0))
+    grow = rollout(env, 0, lambda x: np.array([7]))
+    shrink = rollout(env, 0, lambda x: np.array([0]))
+    assert grow["gpu_seconds"] > shrink["gpu_seconds"] > 0
+    assert grow["reward"] == pytest.approx(-SMALL.w_gpu * grow["gpu_seconds"])
+
+
+def test_rollout_plays_a_heuristic_scaler() -> None:
+    env = ScalingEnv(SMALL)
+    r = rollout(env, 0, make_scaler("pythia"))
+    assert r["steps"] > 0 and r["gpu_seconds"] > 0
+
+
+# --- encoder and action mapping ------------------------------------------------------------------
+
+def _obs(replicas: list[str], free: int, arrivals: int = 0, total: int = 8) -> ClusterObservation:
+    views = tuple(ReplicaView(i, "default", s, 3, 1, 0.5, 0, 0, 0, 10_000, 4, 4000)  # type: ignore[arg-type]
+                  for i, s in enumerate(replicas))
+    pool = PoolObservation("default", views, 1, pending=0, arrivals=arrivals, arrival_tokens=1000 * arrivals,
+                           completions=0, p99_latency_s=math.nan, p99_ttft_s=math.nan, slo_violations=0)
+    return ClusterObservation(10.0, 5.0, total, free, {"default": pool})
+
+
+def test_encoder_stacks_history_and_checks_pools() -> None:
+    enc = FeatureEncoder(["default"], history=2)
+    first = enc.encode(_obs(["ready"], 7, arrivals=0))
+    assert first.shape == (enc.size,) and first.dtype == np.float32
+    assert np.array_equal(first[: enc.frame_size], first[enc.frame_size:])  # history padded with the first
+    second = enc.encode(_obs(["ready"], 7, arrivals=50))
+    assert np.array_equal(second[enc.frame_size:], first[: enc.frame_size])  # previous frame moved back
+    assert not np.array_equal(second[: enc.frame_size], first[: enc.frame_size])
+    with pytest.raises(ValueError, match="trained on pools \\['other'\\]"):
+        FeatureEncoder(["other"]).encode(_obs(["ready"], 7))
+
+
+def test_actions_name_replica_counts_within_min_replicas_and_free_gpus() -> None:
+    obs = _obs(["ready", "starting", "draining"], free=5)
+    assert targets_from_action(obs, [3], ["default"]) == {"default": 4}
+    assert targets_from_action(obs, [0], ["default"]) == {"default": 1}
+    assert targets_from_action(obs, [7], ["default"]) == {"default": 7}  # 2 active + 5 free GPUs
+    assert targets_from_action(obs, [0], ["default"], min_replicas=2) == {"default": 2}
+
+
+# --- training and the artifact ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from experiments.train_scaler import QUICK, train
+
+    cfg = replace(QUICK, timesteps=1024, n_envs=2, n_steps=128, eval_every=512, eval_episodes=1,
+                  env=replace(SMALL, episode_s=60.0))
+    stem = tmp_path_factory.mktemp("ckpt") / "tiny"
+    curve = train(cfg, seed=0, save_to=stem)
+    return stem, curve
+
+
+def test_quick_training_saves_a_checkpoint_that_runs_in_the_simulator(trained) -> None:
+    stem, curve = trained
+    assert stem.with_suffix(".zip").exists()
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    assert meta["encoder_version"] == ENCODER_VERSION and meta["timesteps"] >= 1024
+    assert meta["selected_at"] in set(curve.loc[curve["curve"] == "val PPO", "timesteps"])
+    assert meta["reward"]["w_slo"] == SMALL.w_slo and meta["workloads"]["trace"] == "azure-code"
+    assert set(curve["curve"]) == {"val PPO", "train PPO", "val pythia heuristic", "val static full"}
+    assert curve.loc[curve["curve"] == "val PPO", "timesteps"].max() >= 1024
+
+    scaler = RLScaler(stem)
+    ep = sample_episode(replace(SMALL, split="test", episode_s=60.0), np.random.default_rng(0))
+    res = simulate(ep.table, ep.cluster, make_router("round_robin"), scaler)
+    assert (res.requests["status"] == "ok").all()
+    assert res.cluster["gpus_in_use"].between(1, ep.cluster.num_gpus).all()
+
+
+def test_a_mismatched_encoder_version_is_refused(trained, tmp_path) -> None:
+    stem, _ = trained
+    other = tmp_path / "old"
+    shutil.copy(stem.with_suffix(".zip"), other.with_suffix(".zip"))
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    other.with_suffix(".json").write_text(json.dumps({**meta, "encoder_version": ENCODER_VERSION + 1}))
+    with pytest.raises(ValueError, match=f"encoder version {ENCODER_VERSION + 1}.*Retrain"):
+        RLScaler(other)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RLScaler(tmp_path / "missing")
