@@ -1,5 +1,7 @@
 """`python -m experiments.run NAME [--quick] [--seed N] [--out DIR] [--jobs N]`: regenerate a figure or table.
 
+`train-scaler` also takes ``--timesteps N``; it and `fig12` need the ``rl`` extra (``pip install -e '.[rl]'``).
+
 Each experiment writes ``DIR/NAME.png`` and its data (``DIR/NAME.csv``) and prints a short summary.
 """
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -20,8 +23,12 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fig10": ("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
     "table1": ("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia"),
     "validate": ("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, hits, queues"),
+    "train-scaler": ("experiments.train_scaler", "train the RL scaler (PPO on the simulator); writes a checkpoint"),
+    "fig12": ("experiments.fig12", "the RL scaler: training curve, SLO attainment vs GPU-seconds on held-out windows"),
 }
+TAKES_TIMESTEPS = {"train-scaler"}
 NEEDS_VLLM = {"validate"}  # run on real vLLM servers; tests/test_validate.py covers them
+NEEDS_RL = {"train-scaler", "fig12"}  # need the 'rl' extra (stable-baselines3, torch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("figures"))
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes for independent runs")
+    ap.add_argument("--timesteps", type=int, help="training steps (train-scaler only)")
     args = ap.parse_args(argv)
     if args.list or not args.name:
         for name, (_, desc) in EXPERIMENTS.items():
@@ -40,10 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in EXPERIMENTS:
         print(f"unknown experiment '{args.name}'; known: {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
+    if args.name in NEEDS_RL and importlib.util.find_spec("stable_baselines3") is None:
+        print(f"'{args.name}' needs stable-baselines3 and torch: pip install -e '.[rl]'", file=sys.stderr)
+        return 2
+    extra = {}
+    if args.timesteps is not None:
+        if args.name not in TAKES_TIMESTEPS:
+            print(f"--timesteps applies to {', '.join(sorted(TAKES_TIMESTEPS))}, not '{args.name}'", file=sys.stderr)
+            return 2
+        extra["timesteps"] = args.timesteps
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     module = importlib.import_module(EXPERIMENTS[args.name][0])
-    table = module.run(quick=args.quick, seed=args.seed, out=args.out, jobs=args.jobs)
+    table = module.run(quick=args.quick, seed=args.seed, out=args.out, jobs=args.jobs, **extra)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"wrote {args.out / (args.name + '.png')} and {args.out / (args.name + '.csv')} "
           f"in {time.perf_counter() - t0:.1f} s")

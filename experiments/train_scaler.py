@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
                 tensorboard_log=str(log_dir) if log_dir else None, verbose=0)
     curve = CurveCallback(cfg)
     try:
-        model.learn(cfg.timesteps, callback=curve, tb_log_name=f"ppo-seed{seed}")
+        model.learn(cfg.timesteps, callback=curve, tb_log_name=f"ppo-seed{seed}", progress_bar=True)
     finally:
         venv.close()
     # Keep the policy that scored best on the validation windows (never the test windows fig12 uses).

@@ -129,6 +129,7 @@ def make_router(name: str, **params: object) -> Router:
 
 
 def make_scaler(name: str, **params: object) -> Scaler:
+    import policies.rl  # noqa: F401  (adds "rl"; stable-baselines3 is imported only when one is made)
     import policies.scalers  # noqa: F401  (fills SCALERS)
 
     return _lookup(SCALERS, "scaler", name, params)  # type: ignore[return-value]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from experiments.run import EXPERIMENTS, NEEDS_VLLM, main
+from experiments.run import EXPERIMENTS, NEEDS_RL, NEEDS_VLLM, main
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +15,8 @@ def out(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in NEEDS_VLLM])
 def test_quick_experiment_writes_png_and_csv(name, out):
+    if name in NEEDS_RL:
+        pytest.importorskip("stable_baselines3", reason=f"{name} needs the 'rl' extra: pip install -e '.[rl]'")
     assert main([name, "--quick", "--out", str(out)]) == 0
     assert (out / f"{name}.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / f"{name}.csv")) > 0
@@ -40,3 +42,8 @@ def test_list_names_every_experiment(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in EXPERIMENTS)
+
+
+def test_timesteps_only_for_training(capsys):
+    assert main(["fig7", "--timesteps", "100"]) == 2
+    assert "--timesteps applies to train-scaler, not 'fig7'" in capsys.readouterr().err

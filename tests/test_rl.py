@@ -16,7 +16,15 @@ pytest.importorskip("stable_baselines3", reason="the RL tests need the 'rl' extr
 from gymnasium.utils.env_checker import check_env
 
 from policies.api import ClusterObservation, PoolObservation, ReplicaView, make_router, make_scaler
-from policies.rl import ENCODER_VERSION, FeatureEncoder, RLScaler, targets_from_action
+from policies.rl import (
+    DEFAULT_CHECKPOINT,
+    ENCODER_VERSION,
+    FeatureEncoder,
+    RLScaler,
+    checkpoint_paths,
+    read_checkpoint_meta,
+    targets_from_action,
+)
 from sim.cluster import simulate
 from sim.env import ENV_ID, SPLITS, EnvConfig, ScalingEnv, rollout, sample_episode, trace_window
 
@@ -174,3 +182,17 @@ def test_a_mismatched_encoder_version_is_refused(trained, tmp_path) -> None:
         RLScaler(other)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RLScaler(tmp_path / "missing")
+
+
+def test_the_shipped_checkpoint_is_a_full_run_on_the_current_environment() -> None:
+    """policies/checkpoints/ppo-scaler: what `python -m experiments.run train-scaler` wrote, loadable as is."""
+    meta = read_checkpoint_meta(DEFAULT_CHECKPOINT)
+    assert meta["timesteps"] >= 50_000 and meta["algorithm"] == "PPO"
+    assert EnvConfig.from_dict(meta["env_config"]) == EnvConfig()  # trained on today's default episodes
+    zip_path, _ = checkpoint_paths(DEFAULT_CHECKPOINT)
+    assert zip_path.stat().st_size < 5 * 2**20
+    scaler = make_scaler("rl")
+    assert isinstance(scaler, RLScaler) and scaler.pools == ["default"]
+    ep = sample_episode(replace(EnvConfig(), split="test", episode_s=60.0), np.random.default_rng(1))
+    res = simulate(ep.table, ep.cluster, make_router("round_robin"), scaler)
+    assert (res.requests["status"] == "ok").all()

@@ -1,0 +1,101 @@
+"""Figure 12: the learned (PPO) scaler: its training curve, and SLO attainment vs GPU-seconds on held-out
+trace windows against static provisioning, Kubernetes HPA, Knative KPA and the Pythia heuristic scaler.
+
+The policy is the shipped checkpoint (``policies/checkpoints/ppo-scaler``, trained by
+``python -m experiments.run train-scaler``); its training curve is read from the JSON beside it. Test
+episodes come from the ``test`` split of the environment it was trained on (trace windows and workflow
+jobs that training and validation never saw, see ``sim/env.py``), each replayed to completion with
+``simulate`` under every scaler; all dynamic scalers start from the same ``INITIAL_REPLICAS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from experiments.common import parallel_map, summary_row
+from experiments.train_scaler import plot_curve
+from policies.api import make_router, make_scaler
+from policies.rl import DEFAULT_CHECKPOINT, RLScaler, read_checkpoint_meta
+from sim.cluster import simulate
+from sim.env import EnvConfig, sample_episode
+
+INITIAL_REPLICAS = 2  # what the dynamic scalers start from (as experiments.common's scaled systems)
+
+
+@dataclass(frozen=True)
+class Contender:
+    label: str
+    scaler: str
+    params: dict = field(default_factory=dict)
+    initial_replicas: int = INITIAL_REPLICAS
+
+
+def contenders(num_gpus: int, quick: bool) -> list[Contender]:
+    statics = (num_gpus,) if quick else (num_gpus // 2, 3 * num_gpus // 4, num_gpus)
+    return [*(Contender(f"static {n}", "static", {"replicas": n}, n) for n in statics),
+            Contender("HPA", "hpa"), Contender("KPA", "kpa"), Contender("Pythia heuristic", "pythia"),
+            Contender("RL (PPO)", "rl")]
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: EnvConfig
+    episode_seed: tuple[int, int]
+    who: Contender
+    checkpoint: str
+
+
+def _run(job: Job) -> dict:
+    ep = sample_episode(job.cfg, np.random.default_rng(job.episode_seed))
+    cluster = replace(ep.cluster, pools=tuple(replace(p, initial_replicas=job.who.initial_replicas)
+                                              for p in ep.cluster.pools))
+    scaler = RLScaler(job.checkpoint) if job.who.scaler == "rl" else make_scaler(job.who.scaler, **job.who.params)
+    res = simulate(ep.table, cluster, make_router(job.cfg.router), scaler)
+    return summary_row(res, scaler=job.who.label, episode=job.episode_seed[1],
+                       trace_start_s=ep.about["trace_start_s"], trace_rate_scale=ep.about["trace_rate_scale"],
+                       workflow_rate=ep.about["workflow_rate"])
+
+
+def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEFAULT_CHECKPOINT) -> pd.DataFrame:
+    meta = read_checkpoint_meta(checkpoint)
+    cfg = replace(EnvConfig.from_dict(meta["env_config"]), split="test")
+    if quick:
+        cfg = replace(cfg, episode_s=120.0)
+    episodes = 2 if quick else 10
+    who = contenders(cfg.cluster.num_gpus, quick)
+    work = [Job(cfg, (seed, k), w, str(checkpoint)) for k in range(episodes) for w in who]
+    df = pd.DataFrame(parallel_map(_run, work, jobs, desc="simulate"))
+    df.to_csv(out / "fig12.csv", index=False)
+    summary = (df.groupby("scaler", sort=False)[["slo_attainment", "gpu_seconds", "p99_latency_s", "mean_jct_s"]]
+               .mean().reset_index())
+    summary.insert(1, "episodes", episodes)
+    _plot(meta, summary, df, out, cfg)
+    return summary
+
+
+def _plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, out: Path, cfg: EnvConfig) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.3))
+    plot_curve(pd.DataFrame(meta["curve"]), a)
+    a.set_title(f"training: PPO, {meta['timesteps']} steps, reward on validation windows", fontsize=10)
+    for k, row in summary.iterrows():
+        pts = df[df["scaler"] == row["scaler"]]
+        color = f"C{k}"
+        b.scatter(pts["gpu_seconds"], pts["slo_attainment"], s=10, alpha=0.3, color=color)
+        b.scatter(row["gpu_seconds"], row["slo_attainment"], s=70, color=color, edgecolor="black",
+                  label=f"{row['scaler']}: {row['slo_attainment']:.3f}, {row['gpu_seconds']:.0f} GPU-s",
+                  marker="*" if row["scaler"].startswith("RL") else "o")
+    b.set_xlabel("GPU-seconds per episode")
+    b.set_ylabel("SLO attainment")
+    b.set_title(f"held-out windows ({len(df['episode'].unique())} test episodes of {cfg.episode_s:.0f} s "
+                f"+ drain); big marker = mean", fontsize=10)
+    b.grid(alpha=0.3)
+    b.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Fig. 12: a scaling policy learned on the simulator (PPO) vs heuristic scalers")
+    fig.tight_layout()
+    fig.savefig(out / "fig12.png", dpi=120)
+    plt.close(fig)
