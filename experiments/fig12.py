@@ -25,6 +25,7 @@ from sim.cluster import simulate
 from sim.env import EnvConfig, sample_episode
 
 INITIAL_REPLICAS = 2  # what the dynamic scalers start from (as experiments.common's scaled systems)
+WARMUP_S = 60.0  # gpus_min/gpus_max ignore the first minute (scaling up from INITIAL_REPLICAS)
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,12 @@ def _run(job: Job) -> dict:
                                               for p in ep.cluster.pools))
     scaler = RLScaler(job.checkpoint) if job.who.scaler == "rl" else make_scaler(job.who.scaler, **job.who.params)
     res = simulate(ep.table, cluster, make_router(job.cfg.router), scaler)
+    # GPUs held once the start-up is over (after WARMUP_S, while arrivals last): does the scaler follow the load?
+    c = res.cluster.groupby("t")["gpus_in_use"].first()
+    held = c[(c.index >= WARMUP_S) & (c.index <= job.cfg.episode_s)]
     return summary_row(res, scaler=job.who.label, episode=job.episode_seed[1],
                        trace_start_s=ep.about["trace_start_s"], trace_rate_scale=ep.about["trace_rate_scale"],
-                       workflow_rate=ep.about["workflow_rate"])
+                       workflow_rate=ep.about["workflow_rate"], gpus_min=int(held.min()), gpus_max=int(held.max()))
 
 
 def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEFAULT_CHECKPOINT) -> pd.DataFrame:
@@ -71,8 +75,10 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEF
     work = [Job(cfg, (seed, k), w, str(checkpoint)) for k in range(episodes) for w in who]
     df = pd.DataFrame(parallel_map(_run, work, jobs, desc="simulate"))
     df.to_csv(out / "fig12.csv", index=False)
-    summary = (df.groupby("scaler", sort=False)[["slo_attainment", "gpu_seconds", "p99_latency_s", "mean_jct_s"]]
-               .mean().reset_index())
+    g = df.groupby("scaler", sort=False)
+    summary = g[["slo_attainment", "gpu_seconds", "p99_latency_s", "mean_jct_s"]].mean()
+    summary["gpus_min"], summary["gpus_max"] = g["gpus_min"].min(), g["gpus_max"].max()
+    summary = summary.reset_index()
     summary.insert(1, "episodes", episodes)
     _plot(meta, summary, df, out, cfg)
     return summary
