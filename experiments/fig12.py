@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from experiments.common import parallel_map, summary_row
+from experiments.metrics import gpus_series
 from experiments.train_scaler import plot_curve
 from policies.api import make_router, make_scaler
-from policies.rl import DEFAULT_CHECKPOINT, RLScaler, read_checkpoint_meta
+from policies.rl import DEFAULT_CHECKPOINT, read_checkpoint_meta
 from sim.cluster import simulate
 from sim.env import EnvConfig, sample_episode
 
@@ -36,11 +37,11 @@ class Contender:
     initial_replicas: int = INITIAL_REPLICAS
 
 
-def contenders(num_gpus: int, quick: bool) -> list[Contender]:
+def contenders(num_gpus: int, quick: bool, checkpoint: Path) -> list[Contender]:
     statics = (num_gpus,) if quick else (num_gpus // 2, 3 * num_gpus // 4, num_gpus)
     return [*(Contender(f"static {n}", "static", {"replicas": n}, n) for n in statics),
             Contender("HPA", "hpa"), Contender("KPA", "kpa"), Contender("Pythia heuristic", "pythia"),
-            Contender("RL (PPO)", "rl")]
+            Contender("RL (PPO)", "rl", {"path": str(checkpoint)})]
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,16 @@ class Job:
     cfg: EnvConfig
     episode_seed: tuple[int, int]
     who: Contender
-    checkpoint: str
 
 
 def _run(job: Job) -> dict:
     ep = sample_episode(job.cfg, np.random.default_rng(job.episode_seed))
     cluster = replace(ep.cluster, pools=tuple(replace(p, initial_replicas=job.who.initial_replicas)
                                               for p in ep.cluster.pools))
-    scaler = RLScaler(job.checkpoint) if job.who.scaler == "rl" else make_scaler(job.who.scaler, **job.who.params)
+    scaler = make_scaler(job.who.scaler, **job.who.params)
     res = simulate(ep.table, cluster, make_router(job.cfg.router), scaler)
     # GPUs held once the start-up is over (after WARMUP_S, while arrivals last): does the scaler follow the load?
-    c = res.cluster.groupby("t")["gpus_in_use"].first()
+    c = gpus_series(res.cluster)
     held = c[(c.index >= WARMUP_S) & (c.index <= job.cfg.episode_s)]
     return summary_row(res, scaler=job.who.label, episode=job.episode_seed[1],
                        trace_start_s=ep.about["trace_start_s"], trace_rate_scale=ep.about["trace_rate_scale"],
@@ -71,8 +71,8 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEF
     if quick:
         cfg = replace(cfg, episode_s=120.0)
     episodes = 2 if quick else 10
-    who = contenders(cfg.cluster.num_gpus, quick)
-    work = [Job(cfg, (seed, k), w, str(checkpoint)) for k in range(episodes) for w in who]
+    who = contenders(cfg.cluster.num_gpus, quick, checkpoint)
+    work = [Job(cfg, (seed, k), w) for k in range(episodes) for w in who]
     df = pd.DataFrame(parallel_map(_run, work, jobs, desc="simulate"))
     df.to_csv(out / "fig12.csv", index=False)
     g = df.groupby("scaler", sort=False)

@@ -41,7 +41,7 @@ def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFra
         "preemptions": float(ok["num_preemptions"].sum()),
     }
     if cluster is not None and len(cluster):
-        dt = cluster.groupby("t")["gpus_in_use"].first()
+        dt = gpus_series(cluster)
         out["gpu_seconds"] = float((dt * np.diff(np.append(dt.index.to_numpy(), dt.index[-1]))).sum())
     return out
 
@@ -72,3 +72,8 @@ def queue_series(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> pd.S
     if cluster is not None and len(cluster):
         waiting = waiting.add(cluster.groupby("t")["pending"].sum(), fill_value=0)
     return waiting
+
+
+def gpus_series(cluster: pd.DataFrame) -> pd.Series:
+    """GPUs held (by replicas in any state) at each sample time; the cluster table has a row per pool."""
+    return cluster.groupby("t")["gpus_in_use"].first()
