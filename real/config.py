@@ -19,7 +19,10 @@ class RealConfig:
     model: str  # model directory (HF config.json; with load_format="dummy" no weights are needed) or hub name
     num_replicas: int = 1  # replicas serving at t=0
     urls: tuple[str, ...] = ()  # attach mode: servers managed elsewhere; empty: launch our own
-    cores: tuple[int, ...] = ()  # launch mode: CPU cores, one per server, round-robin (empty: all usable cores)
+    cores: tuple[int, ...] = ()  # launch mode on CPU: cores, one per server (empty: all usable cores)
+    gpus: tuple[int, ...] = ()  # launch mode on GPUs: CUDA device ids, tensor_parallel_size per server
+    tensor_parallel_size: int = 1  # GPUs per server (consecutive ids of `gpus`)
+    gpu_memory_utilization: float = 0.9  # GPU servers: the share of each GPU's memory vLLM may use
     max_replicas: int = 0  # scaling ceiling; 0: len(urls) when attaching, number of cores when launching
     pool: str = "default"  # the one pool these replicas form (every call goes to it)
     # vLLM engine knobs (flags of the launched servers; in attach mode, what the servers were started with)
@@ -55,6 +58,16 @@ class RealConfig:
         if self.urls and self.max_replicas > len(self.urls):
             raise ValueError(f"RealConfig: max_replicas={self.max_replicas} but only {len(self.urls)} urls "
                              f"to attach to")
+        if self.gpus and (self.cores or self.urls):
+            raise ValueError("RealConfig: set one of gpus (launch on GPUs), cores (launch on CPU cores) or urls "
+                             "(attach); got gpus together with " + ("cores" if self.cores else "urls"))
+        if self.tensor_parallel_size < 1 or len(self.gpus) % self.tensor_parallel_size:
+            raise ValueError(f"RealConfig: {len(self.gpus)} gpus do not split into servers of "
+                             f"tensor_parallel_size={self.tensor_parallel_size}; list a multiple of it")
+        if len(set(self.gpus)) != len(self.gpus) or len(set(self.cores)) != len(self.cores):
+            raise ValueError(f"RealConfig: gpus={self.gpus} / cores={self.cores} list a device twice")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"RealConfig: gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.num_replicas > self.capacity:
             raise ValueError(f"RealConfig: num_replicas={self.num_replicas} exceeds max_replicas={self.capacity}")
         for name in ("control_interval_s", "scrape_interval_s", "startup_timeout_s", "request_timeout_s"):
@@ -66,13 +79,27 @@ class RealConfig:
         return not self.urls
 
     @property
-    def server_cores(self) -> tuple[int, ...]:
-        return self.cores or tuple(sorted(os.sched_getaffinity(0)))
+    def on_gpus(self) -> bool:
+        return bool(self.gpus)
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        """Where launched servers run, one entry per server slot: a CPU core ("3") or the CUDA_VISIBLE_DEVICES
+        of a tensor-parallel group ("4,5")."""
+        if self.gpus:
+            tp = self.tensor_parallel_size
+            return tuple(",".join(map(str, self.gpus[i:i + tp])) for i in range(0, len(self.gpus), tp))
+        return tuple(str(c) for c in (self.cores or sorted(os.sched_getaffinity(0))))
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """Devices one replica holds, as the simulator counts them (a CPU core counts as one)."""
+        return self.tensor_parallel_size if self.gpus else 1
 
     @property
     def capacity(self) -> int:
-        """Most replicas that can serve at once (the 'GPUs' of this cluster)."""
-        return self.max_replicas or (len(self.urls) if self.urls else len(self.server_cores))
+        """Most replicas that can serve at once."""
+        return self.max_replicas or (len(self.urls) if self.urls else len(self.placements))
 
     def resolved_vocab_size(self) -> int:
         if self.vocab_size:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 TIMESERIES_COLUMNS = ["t", "replica_id", "pool", "state", "num_running", "num_waiting", "kv_usage"]
 CLUSTER_COLUMNS = ["t", "pool", "pending", "starting", "ready", "draining", "gpus_in_use"]
 FAILURE_COLUMNS = ["t", "kind", "replica_id", "request_id", "detail"]
-SERVER_COLUMNS = ["replica_id", "url", "pid", "core", "start_s", "ready_s", "stop_s", "state"]
+SERVER_COLUMNS = ["replica_id", "url", "pid", "placement", "start_s", "ready_s", "stop_s", "state"]
 
 
 @dataclass
@@ -53,7 +53,7 @@ class RealResult:
     requests: pd.DataFrame  # policies.frontend.RESULT_COLUMNS, one row per call (times: wall s since t=0)
     jobs: pd.DataFrame  # policies.frontend.job_table
     timeseries: pd.DataFrame  # TIMESERIES_COLUMNS, one row per replica per scrape (the simulator's columns)
-    cluster: pd.DataFrame  # CLUSTER_COLUMNS, one row per scrape (gpus_in_use: replicas holding a core)
+    cluster: pd.DataFrame  # CLUSTER_COLUMNS, one row per scrape (gpus_in_use: GPUs, or cores, held)
     failures: pd.DataFrame  # FAILURE_COLUMNS; kinds: replica_died, start_failed, call_failed, call_retried
     servers: pd.DataFrame  # SERVER_COLUMNS, one row per replica (pid -1 when attached)
     token_times: pd.DataFrame  # request_id, t: one row per generated token (empty unless record_token_times)
@@ -196,11 +196,10 @@ class _Run:
         await asyncio.gather(*(self._bring_up(s, initial=True) for s in starting))
 
     def _new_server(self) -> _Slot:
-        """Launch one server on the least used core (a dead server's core is reused)."""
+        """Launch one server on the least used core or GPU group (a dead server's is reused)."""
         assert self.launcher is not None
-        used = [s.server.core for s in self.slots.values() if s.server and s.state not in ("stopped", "dead")]
-        core = min(self.cfg.server_cores, key=used.count)
-        server = self.launcher.spawn_vllm(self.cfg, core)
+        used = [s.server.placement for s in self.slots.values() if s.server and s.state not in ("stopped", "dead")]
+        server = self.launcher.spawn_vllm(self.cfg, min(self.cfg.placements, key=used.count))
         rid = len(self.slots)
         self.slots[rid] = _Slot(rid, server.url, "starting", server, start_s=self.now())
         return self.slots[rid]
@@ -239,7 +238,7 @@ class _Run:
         return sum(s.state in ("starting", "ready", "draining") for s in self.slots.values())
 
     def _free(self) -> int:
-        """Replicas that could still be started: spare cores, or idle attached servers."""
+        """Replicas that could still be started: spare cores or GPU groups, or idle attached servers."""
         if self.cfg.launch:
             return self.cfg.capacity - self._in_use()
         return sum(s.state == "stopped" for s in self.slots.values())
@@ -388,7 +387,8 @@ class _Run:
                                          m.kv_usage))
             states = [s.state for s in self.slots.values()]
             self.cl_rows.append((now, self.cfg.pool, len(self.pending), states.count("starting"),
-                                 states.count("ready"), states.count("draining"), self._in_use()))
+                                 states.count("ready"), states.count("draining"),
+                                 self._in_use() * self.cfg.gpus_per_replica))
             await asyncio.sleep(self.cfg.scrape_interval_s)
 
     async def _scrape(self, slot: _Slot) -> None:
@@ -403,8 +403,9 @@ class _Run:
         empty = ReplicaMetrics(0, 0, 0.0, 0, 0, 0, self.cfg.num_gpu_blocks * self.cfg.block_size)
         views = [self.front.replica_view(s.replica_id, self.cfg.pool, s.state, s.metrics or empty)  # type: ignore[arg-type]
                  for s in self.slots.values() if s.state in ("starting", "ready", "draining")]
+        per = self.cfg.gpus_per_replica
         return self.front.observe(self.now(), self.cfg.control_interval_s, views, {self.cfg.pool: len(self.pending)},
-                                  {self.cfg.pool: 1}, self.cfg.capacity, self._free())
+                                  {self.cfg.pool: per}, self.cfg.capacity * per, self._free() * per)
 
     async def _controller(self) -> None:
         assert self.scaler is not None
@@ -442,7 +443,7 @@ class _Run:
     # --- results -------------------------------------------------------------------------------------
     def result(self) -> RealResult:
         requests = self.front.results()
-        servers = [(s.replica_id, s.url, s.server.pid if s.server else -1, s.server.core if s.server else -1,
+        servers = [(s.replica_id, s.url, s.server.pid if s.server else -1, s.server.placement if s.server else "",
                     s.start_s, s.ready_s, s.stop_s, s.state) for s in self.slots.values()]
         return RealResult(
             requests=requests, jobs=job_table(requests),

@@ -1,6 +1,7 @@
 """Start and stop vLLM OpenAI-compatible servers, one per replica, and never leave one behind.
 
-Each server runs in its own process group (API server + EngineCore + Worker), pinned to one CPU core.
+Each server runs in its own process group (API server + EngineCore + Workers), pinned to one CPU core or
+to its GPUs (``CUDA_VISIBLE_DEVICES``, a tensor-parallel group).
 Every exit path stops the whole group: the ``Launcher`` context manager, an ``atexit`` hook, SIGTERM
 and SIGHUP turned into ``SystemExit`` (so ``finally`` blocks run), and on Linux a parent-death signal
 that reaches the API server even when the runner itself is SIGKILLed.
@@ -38,7 +39,7 @@ class ServerStartError(RuntimeError):
 @dataclass
 class Server:
     url: str
-    core: int
+    placement: str  # a CPU core ("3") or CUDA_VISIBLE_DEVICES ("4,5"); "" for a bare spawn()
     proc: subprocess.Popen
     log_path: Path
     started_at: float = field(default_factory=time.monotonic)
@@ -75,6 +76,9 @@ def server_argv(cfg: RealConfig, port: int) -> list[str]:
             "--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching",
             "--enable-prompt-tokens-details", "--disable-uvicorn-access-log",
             "--host", "127.0.0.1", "--port", str(port)]
+    if cfg.on_gpus:
+        argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size),
+                 "--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     if cfg.enforce_eager:
         argv.append("--enforce-eager")
     if cfg.num_gpu_blocks:
@@ -82,14 +86,16 @@ def server_argv(cfg: RealConfig, port: int) -> list[str]:
     return argv + list(cfg.extra_server_args)
 
 
-def server_env(cfg: RealConfig, core: int) -> dict[str, str]:
+def server_env(cfg: RealConfig, placement: str) -> dict[str, str]:
+    """The server's environment: its devices (``RealConfig.placements``) and the settings every replica shares."""
     env = dict(os.environ)
-    env.update({
-        "VLLM_CPU_OMP_THREADS_BIND": str(core),  # the default 'auto' pins every server to core 0
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_space_gib),  # else a NUMA memory check fails at start
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-        "PYTHONHASHSEED": "0",  # fixes vLLM's prefix-hash seed: identical block keys on every replica
-    })
+    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+                "PYTHONHASHSEED": "0"})  # fixes vLLM's prefix-hash seed: identical block keys on every replica
+    if cfg.on_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = placement
+    else:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = placement  # the default 'auto' pins every server to core 0
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gib)  # else a NUMA memory check fails at start
     return env
 
 
@@ -126,7 +132,7 @@ class Launcher:
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pythia-vllm-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.servers: list[Server] = []
-        self._next_core = 0
+        self._next_slot = 0
 
     def __enter__(self) -> Launcher:
         return self
@@ -134,7 +140,7 @@ class Launcher:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str], port: int, core: int = -1) -> Server:
+    def spawn(self, argv: Sequence[str], env: dict[str, str], port: int, placement: str = "") -> Server:
         """Start one server process (returns at once; see ``wait_ready``).
 
         Call from a long-lived thread: the parent-death signal fires when the *spawning thread* exits.
@@ -144,21 +150,20 @@ class Launcher:
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(list(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        server = Server(f"http://127.0.0.1:{port}", core, proc, log_path)
+        server = Server(f"http://127.0.0.1:{port}", placement, proc, log_path)
         with _LIVE_LOCK:
             _LIVE[server.pid] = server
         self.servers.append(server)
-        log.info("started server pid %d on core %d: %s (log %s)", server.pid, core, server.url, log_path)
+        log.info("started server pid %d on %s: %s (log %s)", server.pid, placement or "-", server.url, log_path)
         return server
 
-    def spawn_vllm(self, cfg: RealConfig, core: int | None = None) -> Server:
-        """Start one vLLM replica; ``core`` defaults to the next of ``cfg.server_cores``, round-robin."""
-        if core is None:
-            cores = cfg.server_cores
-            core = cores[self._next_core % len(cores)]
-            self._next_core += 1
+    def spawn_vllm(self, cfg: RealConfig, placement: str | None = None) -> Server:
+        """Start one vLLM replica; ``placement`` defaults to the next of ``cfg.placements``, round-robin."""
+        if placement is None:
+            placement = cfg.placements[self._next_slot % len(cfg.placements)]
+            self._next_slot += 1
         port = free_port()
-        return self.spawn(server_argv(cfg, port), server_env(cfg, core), port, core)
+        return self.spawn(server_argv(cfg, port), server_env(cfg, placement), port, placement)
 
     def wait_ready(self, servers: Sequence[Server], timeout_s: float) -> None:
         """Block until every server answers /health; raise ServerStartError (with its log) otherwise."""

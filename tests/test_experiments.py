@@ -47,3 +47,36 @@ def test_list_names_every_experiment(capsys):
 def test_timesteps_only_for_training(capsys):
     assert main(["fig7", "--timesteps", "100"]) == 2
     assert "--timesteps applies to train-scaler, not 'fig7'" in capsys.readouterr().err
+
+
+def test_real_backend_flags_are_checked(capsys):
+    assert main(["fig7", "--backend", "real", "--gpus", "0-7"]) == 2
+    assert "--backend real applies to table1, not 'fig7'" in capsys.readouterr().err
+    assert main(["table1", "--gpus", "0-7"]) == 2
+    assert "apply to --backend real" in capsys.readouterr().err
+
+
+def test_real_backend_servers_take_the_simulated_clusters_engine_knobs():
+    """`table1 --backend real --gpus 0-7 --tp 2`: four 2-GPU servers of the simulated model (its config.json,
+    dummy weights) with the simulator's block size, batch limits and prefix caching."""
+    import json
+    from pathlib import Path
+
+    from experiments.backend import device_ids, real_config
+    from sim.cluster import ClusterConfig
+
+    base = ClusterConfig()
+    cfg = real_config(gpus="0-7", tp=2)
+    assert cfg.placements == ("0,1", "2,3", "4,5", "6,7") and cfg.capacity == 4 and cfg.load_format == "dummy"
+    assert (cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_prefix_caching) == (
+        base.block_size, base.max_num_seqs, base.max_num_batched_tokens, base.enable_prefix_caching)
+    assert json.loads((Path(cfg.model) / "config.json").read_text())["model_type"] == "llama"
+    assert real_config(cores="0,1").block_size == 32  # vLLM's CPU attention needs multiples of 32
+    assert device_ids("0-2,5", "--gpus") == (0, 1, 2, 5)
+    for bad in ("0-x", "1,1", ""):
+        with pytest.raises(SystemExit, match="--gpus"):
+            device_ids(bad, "--gpus")
+    with pytest.raises(SystemExit, match="exactly one of --gpus"):
+        real_config(gpus="0-3", cores="0")
+    with pytest.raises(SystemExit, match="3 gpus do not split into servers of tensor_parallel_size=2"):
+        real_config(gpus="0-2", tp=2)

@@ -25,7 +25,15 @@ import real
 from policies.api import ScaleAction, make_router
 from policies.frontend import RESULT_COLUMNS
 from real.config import RealConfig
-from real.launcher import Launcher, ServerStartError, group_alive, live_servers, probe
+from real.launcher import (
+    Launcher,
+    ServerStartError,
+    group_alive,
+    live_servers,
+    probe,
+    server_argv,
+    server_env,
+)
 from real.metrics import MetricsError, replica_metrics
 from real.tokens import FIRST_TOKEN_ID, prompt_token_ids
 from sim.cluster import ClusterConfig, PoolConfig, simulate
@@ -117,6 +125,39 @@ def test_metrics_without_a_needed_metric_name_it():
     text = "\n".join(line for line in METRICS.splitlines() if "prefix_cache_hits_total" not in line)
     with pytest.raises(MetricsError, match="http://h:1/metrics: no .vllm:prefix_cache_hits_total."):
         replica_metrics(text, "http://h:1/metrics")
+
+
+# --- server placement: CPU cores or GPU groups (the command lines, no server needed) ---------------------------
+
+
+def test_gpu_servers_get_their_tensor_parallel_group_and_gpu_flags():
+    cfg = RealConfig(model="m", gpus=(0, 1, 2, 3, 6, 7), tensor_parallel_size=2, gpu_memory_utilization=0.85,
+                     dtype="auto", num_replicas=1)
+    assert cfg.placements == ("0,1", "2,3", "6,7") and cfg.capacity == 3 and cfg.gpus_per_replica == 2
+    env, argv = server_env(cfg, "2,3"), server_argv(cfg, 8000)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and "VLLM_CPU_OMP_THREADS_BIND" not in env
+    flags = dict(zip(argv, argv[1:], strict=False))
+    assert flags["--tensor-parallel-size"] == "2" and flags["--gpu-memory-utilization"] == "0.85"
+    assert flags["--dtype"] == "auto" and flags["--port"] == "8000"
+
+
+def test_cpu_servers_are_pinned_to_their_core_without_gpu_flags():
+    cfg = RealConfig(model="m", cores=(3, 5))
+    assert cfg.placements == ("3", "5") and cfg.capacity == 2 and cfg.gpus_per_replica == 1
+    env, argv = server_env(cfg, "5"), server_argv(cfg, 8000)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "5" and "CUDA_VISIBLE_DEVICES" not in env
+    assert "--tensor-parallel-size" not in argv and env["PYTHONHASHSEED"] == "0"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"gpus": (0, 1, 2), "tensor_parallel_size": 2}, "3 gpus do not split into servers of tensor_parallel_size=2"),
+    ({"gpus": (0, 1), "cores": (0,)}, "set one of gpus .* got gpus together with cores"),
+    ({"gpus": (0, 0)}, "list a device twice"),
+    ({"gpus": (0,), "gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5 must be in"),
+])
+def test_impossible_placements_are_refused_naming_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RealConfig(model="m", **kw)
 
 
 # --- launcher clean-up (a fake server: a process group with a grandchild, no vLLM needed) ---------------------
@@ -327,6 +368,55 @@ def test_scaler_starts_and_drains_attached_replicas(servers, tiny_cfg):
     assert scaler.seen[0].pools["default"].arrivals >= 2
 
 
+TINY_WORKFLOW = """
+name: tiny-review
+description: planner -> coder -> reviewer with prompts that fit the tiny model
+hash_block_size: 16
+prompt_layout: system-first
+slo_s: 30
+agents:
+  planner:
+    role: plan
+    system_prompt_tokens: 256
+    input_tokens: {dist: lognormal, mean: 60, cv: 0.5, min: 10, max: 200}
+    output_tokens: 8
+  coder:
+    role: code
+    system_prompt_tokens: 320
+    static_context_tokens: 200
+    input_tokens: {dist: lognormal, mean: 100, cv: 0.5, min: 10, max: 300}
+    output_tokens: 12
+    depends_on: [planner]
+  reviewer:
+    role: review
+    system_prompt_tokens: 192
+    static_context_tokens: 200
+    input_tokens: 80
+    output_tokens: 6
+    depends_on: [coder]
+    tool_time_s: 0.1
+"""
+
+
+@pytest.mark.real
+@requires_vllm
+def test_an_experiment_point_runs_on_real_servers_into_the_simulators_summary(servers, tiny_cfg, tmp_path):
+    """`experiments.run table1 --backend real`: each point of the sweep goes through run_point_real, which
+    starts the system's replicas and drives them with its router and scaler objects."""
+    from experiments.common import Point, summarize_point
+
+    workflow = tmp_path / "tiny.yaml"
+    workflow.write_text(TINY_WORKFLOW)
+    cfg = _attach(tiny_cfg, servers, control_interval_s=1.0)
+    sim = summarize_point(Point(str(workflow), 1.0, "vllm", 6.0))
+    for system in ("vllm", "pythia"):  # round-robin without a scaler; Pythia's router and scaler
+        row = summarize_point(Point(str(workflow), 1.0, system, 6.0), real=cfg)
+        print(system, row)
+        assert set(row) == set(sim) and row["num_requests"] == sim["num_requests"] > 0
+        assert row["num_failed"] == 0 and row["throughput_rps"] > 0 and row["mean_jct_s"] > 0
+        assert 0 < row["prefix_hit_rate"] < 1  # system prompts are shared; the rest of each prompt is new
+
+
 @pytest.mark.real
 @requires_vllm
 def test_a_server_killed_mid_run_fails_its_inflight_calls_and_the_run_completes(servers, tiny_cfg):
@@ -386,7 +476,7 @@ def test_launched_servers_retry_calls_of_a_dead_one_and_are_gone_after_the_run(s
     retried = fail.loc[fail["kind"] == "call_retried", "request_id"]
     assert len(retried) >= 1 and (req.set_index("request_id").loc[retried, "replica_id"] == 0).all()
     assert list(fail.loc[fail["kind"] == "replica_died", "replica_id"]) == [1]
-    assert (srv["pid"] > 0).all() and set(srv["core"]) <= set(os.sched_getaffinity(0))
+    assert (srv["pid"] > 0).all() and {int(c) for c in srv["placement"]} <= set(os.sched_getaffinity(0))
     for pid in srv["pid"]:
         assert not group_alive(int(pid)), f"server {pid} is still running after execute() returned"
 

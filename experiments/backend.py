@@ -1,0 +1,77 @@
+"""Where an experiment's runs happen: the simulator (the default) or real vLLM servers.
+
+``real_config`` turns the command line's ``--gpus`` / ``--cores`` / ``--url`` and ``--model`` into the
+``RealConfig`` of the servers, with the engine knobs of the simulated cluster (``sim.cluster.ClusterConfig``),
+so both backends run the same engine configuration. By default the servers run the simulated model's own
+architecture (its ``config.json`` from ``sim/models``) with dummy weights: what the policies see depends on
+token counts and timings, not on the weights' values.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from real.config import RealConfig
+from sim.cluster import ClusterConfig
+
+MAX_MODEL_LEN = 32_768  # covers every call of the shipped workflows (the longest is ~25K tokens)
+CPU_BLOCK_SIZE = 32  # vLLM's CPU attention only takes multiples of 32
+
+
+def model_dir(model: str) -> str:
+    """A directory holding the model's config.json: the argument itself, or a shipped sim model written to a
+    temporary directory (vLLM wants a directory)."""
+    path = Path(model)
+    if path.is_dir():
+        return str(path)
+    from sim.models import MODELS_DIR
+
+    config = path if path.is_file() else MODELS_DIR / f"{model}.json"
+    if not config.is_file():
+        raise SystemExit(f"--model {model}: neither a model directory, a config.json, nor a shipped model "
+                         f"({MODELS_DIR}/<name>.json)")
+    out = Path(tempfile.mkdtemp(prefix="pythia-model-"))
+    (out / "config.json").write_text(config.read_text())
+    return str(out)
+
+
+def device_ids(spec: str, flag: str) -> tuple[int, ...]:
+    """'0-3,6' -> (0, 1, 2, 3, 6): GPU or core numbers as users type them."""
+    ids: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            ids += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise SystemExit(f"{flag} {spec!r}: expected numbers and ranges, e.g. 0-7 or 0,1,4-5") from None
+    if not ids or len(set(ids)) != len(ids):
+        raise SystemExit(f"{flag} {spec!r}: lists no device, or one twice")
+    return tuple(ids)
+
+
+def real_config(*, model: str | None = None, gpus: str | None = None, cores: str | None = None,
+                urls: tuple[str, ...] = (), tp: int = 1, base: ClusterConfig | None = None) -> RealConfig:
+    """The servers of a real run: on ``gpus`` (tp GPUs each), on CPU ``cores`` (one each), or attached ``urls``."""
+    if sum(map(bool, (gpus, cores, urls))) != 1:
+        raise SystemExit("--backend real needs exactly one of --gpus (e.g. 0-7), --cores (e.g. 0,1) or --url")
+    base = base or ClusterConfig()
+    path = model_dir(model or base.pools[0].model)
+    try:
+        max_len = int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings",
+                                                                              MAX_MODEL_LEN))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {model}: cannot read {path}/config.json ({e})") from None
+    where: dict = ({"gpus": device_ids(gpus, "--gpus"), "tensor_parallel_size": tp, "dtype": "auto"} if gpus
+                   else {"cores": device_ids(cores, "--cores")} if cores else {"urls": tuple(urls)})
+    try:
+        return RealConfig(
+            model=path, **where,
+            block_size=base.block_size if gpus else max(CPU_BLOCK_SIZE, base.block_size),
+            max_num_seqs=base.max_num_seqs, max_num_batched_tokens=base.max_num_batched_tokens,
+            enable_prefix_caching=base.enable_prefix_caching, num_gpu_blocks=base.num_gpu_blocks_override or 0,
+            gpu_memory_utilization=base.gpu_memory_utilization, max_model_len=min(max_len, MAX_MODEL_LEN),
+            control_interval_s=base.control_interval_s, record_token_times=False)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
