@@ -37,11 +37,12 @@ class Contender:
     initial_replicas: int = INITIAL_REPLICAS
 
 
-def contenders(num_gpus: int, quick: bool, checkpoint: Path) -> list[Contender]:
+def contenders(num_gpus: int, quick: bool, checkpoint: Path, residual_of: str | None) -> list[Contender]:
     statics = (num_gpus,) if quick else (num_gpus // 2, 3 * num_gpus // 4, num_gpus)
+    rl = f"RL (PPO residual on {residual_of})" if residual_of else "RL (PPO)"
     return [*(Contender(f"static {n}", "static", {"replicas": n}, n) for n in statics),
             Contender("HPA", "hpa"), Contender("KPA", "kpa"), Contender("Pythia heuristic", "pythia"),
-            Contender("RL (PPO)", "rl", {"path": str(checkpoint)})]
+            Contender(rl, "rl", {"path": str(checkpoint)})]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEF
     if quick:
         cfg = replace(cfg, episode_s=120.0)
     episodes = 2 if quick else 10
-    who = contenders(cfg.cluster.num_gpus, quick, checkpoint)
+    who = contenders(cfg.cluster.num_gpus, quick, checkpoint, meta["residual_of"])
     work = [Job(cfg, (seed, k), w) for k in range(episodes) for w in who]
     df = pd.DataFrame(parallel_map(_run, work, jobs, desc="simulate"))
     df.to_csv(out / "fig12.csv", index=False)

@@ -36,7 +36,7 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize  # noqa: E402
 
 from policies.api import make_scaler  # noqa: E402
-from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, POOL_FEATURES, checkpoint_paths  # noqa: E402
+from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names  # noqa: E402
 from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout  # noqa: E402
 
 NAME = "train-scaler"
@@ -45,7 +45,7 @@ RUNS_DIR = Path("runs")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    timesteps: int = 80_000
+    timesteps: int = 48_000
     n_envs: int = 2
     n_steps: int = 256  # per environment per PPO update
     batch_size: int = 128
@@ -55,8 +55,11 @@ class TrainConfig:
     gae_lambda: float = 0.95
     ent_coef: float = 0.01
     net_arch: tuple[int, ...] = (64, 64)
+    # residual policies: the initial logit of "keep the offset" over -1 / +1 (3: probability 0.91, so an
+    # exploring policy changes its offset about once a minute and holds each trial for a while)
+    hold_logit: float = 3.0
     eval_every: int = 8_000  # environment steps between evaluations
-    eval_episodes: int = 6
+    eval_episodes: int = 8
     env: EnvConfig = field(default_factory=EnvConfig)
 
 
@@ -71,7 +74,9 @@ class CurveCallback(BaseCallback):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.cfg = cfg
-        self.val_env = ScalingEnv(replace(cfg.env, split="val"))
+        self.val_env = ScalingEnv(replace(cfg.env, split="val", reward_baseline=None))  # rollout scores absolute
+        base = cfg.env.reward_baseline
+        self.train_label = f"train PPO (reward - {base}'s)" if base else "train PPO"
         self.seeds = list(range(cfg.eval_episodes))
         self.next_eval = cfg.eval_every
         self.train_rewards: list[float] = []
@@ -81,6 +86,9 @@ class CurveCallback(BaseCallback):
                                     ("static full", "static", {"replicas": cfg.env.cluster.num_gpus})):
             runs = [rollout(self.val_env, s, make_scaler(name, **params)) for s in self.seeds]
             self.rows.append({"timesteps": 0, "curve": f"val {label}", **_mean(runs)})
+
+    def _on_training_start(self) -> None:
+        self._evaluate()  # the untrained policy (for a residual one: the base heuristic, or nearly)
 
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
@@ -102,7 +110,7 @@ class CurveCallback(BaseCallback):
         if self.best is None or val["reward"] > self.best[1]:
             self.best = (self.num_timesteps, val["reward"], copy.deepcopy(self.model.policy.state_dict()))
         self.rows.append({"timesteps": self.num_timesteps, "curve": "val PPO", **val})
-        self.rows.append({"timesteps": self.num_timesteps, "curve": "train PPO", "reward": train})
+        self.rows.append({"timesteps": self.num_timesteps, "curve": self.train_label, "reward": train})
         for k, v in val.items():
             self.logger.record(f"val/{k}", v)
         self.logger.record("train/mean_episode_reward", train)
@@ -131,6 +139,8 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
                 learning_rate=cfg.learning_rate, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef,
                 policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed, device="cpu",
                 tensorboard_log=str(log_dir) if log_dir else None, verbose=0)
+    if cfg.env.residual_of is not None:
+        hold_offset(model, len(cfg.env.pools), cfg.hold_logit)
     curve = CurveCallback(cfg)
     try:
         model.learn(cfg.timesteps, callback=curve, tb_log_name=f"ppo-seed{seed}", progress_bar=True)
@@ -146,9 +156,9 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
     meta = {
         "format": CHECKPOINT_FORMAT,
         "encoder_version": ENCODER_VERSION,
-        "features": list(POOL_FEATURES) + ["free_gpu_share"],
+        "features": feature_names(cfg.env.residual_of is not None) + ["free_gpu_share"],
         "pools": cfg.env.pools, "history": cfg.env.history,
-        "min_replicas": cfg.env.min_replicas,
+        "min_replicas": cfg.env.min_replicas, "residual_of": cfg.env.residual_of, "max_offset": cfg.env.max_offset,
         "env_id": ENV_ID,
         "reward": {"w_slo": cfg.env.w_slo, "w_gpu": cfg.env.w_gpu,
                    "definition": "-(w_slo * calls over their SLO + w_gpu * GPU-seconds) per control interval"},
@@ -167,10 +177,25 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
     return table
 
 
+def hold_offset(model: PPO, num_pools: int, logit: float) -> None:
+    """Bias the policy's action logits towards "keep the offset" (action 1 of -1 / 0 / +1) for every pool."""
+    bias = model.policy.action_net.bias
+    with torch.no_grad():
+        for k in range(num_pools):
+            bias[3 * k + 1] += logit
+
+
 def plot_curve(table: pd.DataFrame, ax) -> None:
-    """Reward per episode vs training steps; heuristic references as horizontal lines."""
+    """Reward per episode vs training steps; heuristic references as horizontal lines; a training reward
+    relative to a baseline on its own (right) axis."""
     for name, g in table.groupby("curve", sort=False):
-        if name.startswith("val ") and name != "val PPO":
+        if name.startswith("train PPO ("):
+            right = ax.twinx()
+            right.plot(g["timesteps"], g["reward"], lw=0.8, color="C7", label=name)
+            right.axhline(0.0, lw=0.5, color="C7", ls=":")
+            right.set_ylabel(name, color="C7", fontsize=8)
+            right.legend(fontsize=8, loc="lower right")
+        elif name.startswith("val ") and name != "val PPO":
             ax.axhline(g["reward"].iloc[0], ls="--", lw=1, label=f"{name} (reference)",
                        color="C2" if "pythia" in name else "C3")
         else:

@@ -1,5 +1,11 @@
 """The learned scaler: one feature encoder and the ``RLScaler`` that loads a trained policy.
 
+A policy either names replica counts itself, or (``residual_of``, the default of ``sim.env.EnvConfig``)
+corrects a heuristic scaler (residual policy learning, see ``Residual``): it sees the heuristic's target and
+its own running offset to it, and moves that offset. Holding offset 0 is the heuristic itself, so training
+starts from a working scaler and learns where to deviate from it, instead of discovering scaling from a
+random policy that restarts replicas every interval.
+
 The same ``FeatureEncoder`` turns a ``ClusterObservation`` into the policy's input both in the training
 environment (``sim/env.py``) and inside ``RLScaler.decide``, and the same ``targets_from_action`` turns
 the policy's output into replica targets, so a policy trained on the simulator sees identical inputs
@@ -21,22 +27,31 @@ from pathlib import Path
 
 import numpy as np
 
-from policies.api import SCALERS, ClusterObservation, PoolObservation, ScaleAction
+from policies.api import SCALERS, ClusterObservation, PoolObservation, ScaleAction, Scaler, make_scaler
 from policies.scalers import fit_to_gpus
 
 # The version of the policy's interface: the features (per pool POOL_FEATURES, then the free GPU share,
 # stacked over `history` control intervals) and the meaning of its actions (targets_from_action).
-ENCODER_VERSION = 1
+# 2: SLOW_FEATURES added (the load over the last minutes, not only the last interval); residual policies.
+ENCODER_VERSION = 2
 CHECKPOINT_FORMAT = "pythia-rl-scaler"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ppo-scaler"
 
-POOL_FEATURES = (
+INSTANT_FEATURES = (
     "active_gpu_share", "ready_share", "starting_share", "draining_share",
     "log_pending", "log_waiting", "log_running", "mean_kv_usage", "max_kv_usage",
     "log_arrivals_per_s", "log_arrival_tokens_per_s", "log_completions_per_s",
     "log_p99_latency_s", "log_slo_violations", "log_outstanding_tokens",
     "log_inflight_calls", "log_expected_next_calls",
 )
+# Arrival rates averaged exponentially over SLOW_TAUS_S: bursty traces make one interval's arrivals a poor
+# estimate of the load a replica started now (ready a cold start later) will meet.
+SLOW_TAUS_S = (60.0, 240.0)
+SLOW_FEATURES = tuple(f"log_{rate}_ewma_{tau:.0f}s" for tau in SLOW_TAUS_S
+                      for rate in ("arrivals_per_s", "arrival_tokens_per_s"))
+POOL_FEATURES = INSTANT_FEATURES + SLOW_FEATURES
+# residual policies, per pool: the base scaler's target (a share of the GPUs) and the policy's offset to it
+RESIDUAL_FEATURES = ("base_target_gpu_share", "residual_offset")
 FEATURE_CLIP = 10.0  # every feature lies in [0, FEATURE_CLIP]
 
 
@@ -46,7 +61,7 @@ def _log(x: float, scale: float = 1.0) -> float:
 
 
 def pool_features(pool: PoolObservation, obs: ClusterObservation) -> list[float]:
-    """The POOL_FEATURES of one pool, each scaled to about [0, 2] on an 8-GPU cluster."""
+    """The INSTANT_FEATURES of one pool, each scaled to about [0, 2] on an 8-GPU cluster."""
     reps = pool.replicas
     max_replicas = max(obs.total_gpus // pool.gpus_per_replica, 1)
     ready = [r for r in reps if r.state == "ready"]
@@ -66,21 +81,29 @@ def pool_features(pool: PoolObservation, obs: ClusterObservation) -> list[float]
     ]
 
 
-class FeatureEncoder:
-    """Observation -> feature vector: per pool (in ``pools`` order) POOL_FEATURES, then the free GPU share,
-    for the current control interval and the ``history - 1`` before it (oldest last; repeated at the start).
+def feature_names(residual: bool) -> list[str]:
+    """The names of one pool's features (the frame then ends with ``free_gpu_share``)."""
+    return list(POOL_FEATURES) + (list(RESIDUAL_FEATURES) if residual else [])
 
-    Stateful only through that history: make one per episode or run.
+
+class FeatureEncoder:
+    """Observation -> feature vector: per pool (in ``pools`` order) POOL_FEATURES (and, for a ``residual``
+    policy, RESIDUAL_FEATURES), then the free GPU share, for the current control interval and the
+    ``history - 1`` before it (oldest last; repeated at the start).
+
+    Stateful through that history and the SLOW_FEATURES' averages (started at the first observation's
+    rates): make one per episode or run.
     """
 
-    def __init__(self, pools: Sequence[str], history: int = 3):
+    def __init__(self, pools: Sequence[str], history: int = 3, residual: bool = False):
         if not pools:
             raise ValueError("FeatureEncoder needs at least one pool name")
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
-        self.pools, self.history = tuple(pools), history
-        self.frame_size = len(self.pools) * len(POOL_FEATURES) + 1
+        self.pools, self.history, self.residual = tuple(pools), history, residual
+        self.frame_size = len(self.pools) * len(feature_names(residual)) + 1
         self._frames: deque[np.ndarray] = deque(maxlen=history)
+        self._ewma: np.ndarray | None = None  # [pool, tau, rate]: arrivals/s, arrival tokens/s
 
     @property
     def size(self) -> int:
@@ -88,13 +111,33 @@ class FeatureEncoder:
 
     def reset(self) -> None:
         self._frames.clear()
+        self._ewma = None
 
-    def encode(self, obs: ClusterObservation) -> np.ndarray:
+    def _slow_features(self, obs: ClusterObservation) -> np.ndarray:
+        """SLOW_FEATURES per pool: exponential averages (time constants SLOW_TAUS_S) of this interval's rates."""
+        dt = max(obs.interval_s, 1e-9)
+        rates = np.array([[obs.pools[p].arrivals / dt, obs.pools[p].arrival_tokens / dt] for p in self.pools])
+        rates = np.repeat(rates[:, None, :], len(SLOW_TAUS_S), axis=1)
+        if self._ewma is None:
+            self._ewma = rates
+        else:
+            alpha = 1.0 - np.exp(-dt / np.asarray(SLOW_TAUS_S))[None, :, None]
+            self._ewma = self._ewma + alpha * (rates - self._ewma)
+        return np.log1p(self._ewma) / np.array([3.0, 10.0])  # the scales of the instant rate features
+    def encode(self, obs: ClusterObservation, residual: Residual | None = None) -> np.ndarray:
+        """``residual``: a residual policy's state (after ``Residual.observe(obs)``), which it sees (and needs)."""
         missing = [p for p in self.pools if p not in obs.pools]
         if missing:
             raise ValueError(f"the policy was trained on pools {list(self.pools)}; this cluster observation has "
                              f"{sorted(obs.pools)} (missing {missing}). Name the pools as in training.")
-        frame = [f for p in self.pools for f in pool_features(obs.pools[p], obs)]
+        if self.residual != (residual is not None):
+            raise ValueError("a residual policy's encoder needs its Residual state, and only it takes one")
+        slow = self._slow_features(obs).reshape(len(self.pools), -1)
+        frame = []
+        for i, p in enumerate(self.pools):
+            frame += [*pool_features(obs.pools[p], obs), *slow[i]]
+            if residual is not None:
+                frame += residual.features(p, obs)
         frame.append(obs.free_gpus / max(obs.total_gpus, 1))
         x = np.clip(np.asarray(frame, dtype=np.float32), 0.0, FEATURE_CLIP)
         if not self._frames:
@@ -103,12 +146,43 @@ class FeatureEncoder:
         return np.concatenate(self._frames)
 
 
+class Residual:
+    """A residual policy's state: per pool, an offset to the base scaler's replica target.
+
+    Each action moves an offset by -1 (action 0), 0 (1) or +1 (2), within +-``max_offset``. Moving an offset
+    rather than naming it makes exploration temporally coherent: a policy that tries trimming keeps the
+    trim for a while, instead of dropping a replica for one interval and paying a cold start to get it back.
+    The base scaler decides on every observation exactly as it would alone (``observe``).
+    """
+
+    def __init__(self, base: Scaler, pools: Sequence[str], max_offset: int):
+        if max_offset < 1:
+            raise ValueError(f"max_offset={max_offset}: a residual policy needs offsets of at least 1")
+        self.base, self.pools, self.max_offset = base, tuple(pools), max_offset
+        self.offsets = dict.fromkeys(self.pools, 0)
+        self.base_targets: dict[str, int] = {}
+
+    def observe(self, obs: ClusterObservation) -> None:
+        self.base_targets = self.base.decide(obs).target_replicas
+
+    def features(self, pool: str, obs: ClusterObservation) -> list[float]:
+        share = self.base_targets.get(pool, 0) * obs.pools[pool].gpus_per_replica / max(obs.total_gpus, 1)
+        return [share, (self.offsets[pool] + self.max_offset) / (2 * self.max_offset)]
+
+    def step(self, action: Sequence[int] | np.ndarray) -> dict[str, int]:
+        """Move the offsets by the action; the wanted replicas per pool (base target + offset)."""
+        for p, a in zip(self.pools, action, strict=True):
+            self.offsets[p] = min(max(self.offsets[p] + int(a) - 1, -self.max_offset), self.max_offset)
+        return {p: self.base_targets.get(p, 0) + self.offsets[p] for p in self.pools}
+
+
 def targets_from_action(obs: ClusterObservation, action: Sequence[int] | np.ndarray, pools: Sequence[str],
-                        min_replicas: int = 1) -> dict[str, int]:
-    """Action k for each pool means "run k + 1 replicas", bounded below by ``min_replicas`` and, for scale-ups,
-    by the free GPUs (``fit_to_gpus``, as every scaler). Naming the count, not a step, makes "hold N" one
-    constant action, which PPO finds far more easily than a feedback loop of +1/-1 steps."""
-    return fit_to_gpus(obs, {p: int(a) + 1 for p, a in zip(pools, action, strict=True)}, min_replicas)
+                        min_replicas: int = 1, residual: Residual | None = None) -> dict[str, int]:
+    """Replica targets per pool, bounded below by ``min_replicas`` and, for scale-ups, by the free GPUs
+    (``fit_to_gpus``, as every scaler). Without ``residual``, action k means "run k + 1 replicas" (naming the
+    count makes "hold N" one constant action); with it, see ``Residual.step`` (which it advances)."""
+    wants = residual.step(action) if residual else {p: int(a) + 1 for p, a in zip(pools, action, strict=True)}
+    return fit_to_gpus(obs, wants, min_replicas)
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -136,7 +210,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
         raise ValueError(f"{json_path}: the policy was trained on feature encoder version {version}, but this code "
                          f"encodes version {ENCODER_VERSION}; its inputs would not mean what it learned. Retrain "
                          "it (`python -m experiments.run train-scaler`) or use the code it was trained with.")
-    for key in ("pools", "history", "min_replicas"):
+    for key in ("pools", "history", "min_replicas", "residual_of", "max_offset"):
         if key not in meta:
             raise ValueError(f"{json_path}: missing field '{key}'")
     return meta
@@ -145,7 +219,8 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 class RLScaler:
     """A trained stable-baselines3 policy behind the ``Scaler`` interface (simulator and real executor alike).
 
-    ``path`` is a checkpoint stem (or its .zip / .json); ``min_replicas`` overrides the trained floor.
+    ``path`` is a checkpoint stem (or its .zip / .json); ``min_replicas`` overrides the trained floor. A
+    residual policy brings its own fresh base scaler (``meta["residual_of"]``, from the scaler registry).
     """
 
     def __init__(self, path: str | Path = DEFAULT_CHECKPOINT, min_replicas: int | None = None,
@@ -155,7 +230,10 @@ class RLScaler:
 
         self.model = PPO.load(checkpoint_paths(path)[0], device="cpu")
         self.pools: list[str] = list(self.meta["pools"])
-        self.encoder = FeatureEncoder(self.pools, int(self.meta["history"]))
+        residual_of = self.meta["residual_of"]
+        self.residual = (Residual(make_scaler(residual_of), self.pools, int(self.meta["max_offset"]))
+                         if residual_of else None)
+        self.encoder = FeatureEncoder(self.pools, int(self.meta["history"]), residual=self.residual is not None)
         expected = (self.encoder.size,)
         if self.model.observation_space.shape != expected:
             raise ValueError(f"{checkpoint_paths(path)[0]}: the model takes observations of shape "
@@ -166,8 +244,11 @@ class RLScaler:
         self.deterministic = deterministic
 
     def decide(self, obs: ClusterObservation) -> ScaleAction:
-        action, _ = self.model.predict(self.encoder.encode(obs), deterministic=self.deterministic)
-        return ScaleAction(targets_from_action(obs, np.atleast_1d(action), self.pools, self.min_replicas))
+        if self.residual:
+            self.residual.observe(obs)
+        action, _ = self.model.predict(self.encoder.encode(obs, self.residual), deterministic=self.deterministic)
+        return ScaleAction(targets_from_action(obs, np.atleast_1d(action), self.pools, self.min_replicas,
+                                               self.residual))
 
 
 SCALERS["rl"] = RLScaler

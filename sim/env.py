@@ -2,14 +2,23 @@
 
 The agent plays the ``Scaler``: it sees each ``ClusterObservation`` through ``policies.rl.FeatureEncoder``
 (the encoder ``RLScaler`` uses on the real executor) and answers, per pool, how many replicas to run
-(``policies.rl.targets_from_action``, clamped like every scaler by ``fit_to_gpus``). The reward of an
-interval is
+(``policies.rl.targets_from_action``, clamped like every scaler by ``fit_to_gpus``). By default it is a
+residual policy on the Pythia heuristic (``residual_of``, ``policies.rl.Residual``): the heuristic decides
+every interval as it would alone, the agent sees its target and moves its own offset to it by -1, 0 or +1
+(within ``max_offset``); with ``residual_of=None`` it names replica counts itself. The reward of an interval is
 
     -(w_slo * calls whose SLO deadline passed in the interval before they finished
       + w_gpu * GPU-seconds held in the interval)
 
 A late call is charged once, when it becomes late (see ``_Deadlines``), so the penalty follows the
 decisions that caused it and delaying calls past the end of an episode does not pay.
+
+With ``reward_baseline`` (the default: "pythia") the step reward is that reward minus the reward the
+baseline scaler earns in the same interval of the same episode, run beside it as a shadow simulation.
+The baseline's rewards do not depend on the agent's actions, so the best policy is unchanged, but most of
+the reward's variance (how hard an episode's workload is) cancels: a residual policy that keeps the
+heuristic's targets gets exactly 0 every step, and any deviation is scored by what it changed. ``info``
+and ``rollout`` always report the agent's own (absolute) violations, GPU-seconds and reward.
 
 Episodes (``sample_episode``) superpose two workloads, both seeded by the episode's random generator:
 a window of a real request trace (Azure 2023 code: bursty arrivals, real prompt and output lengths),
@@ -35,9 +44,9 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from policies.api import ClusterObservation, Scaler, make_router
+from policies.api import ClusterObservation, Scaler, make_router, make_scaler
 from policies.frontend import CallRecord
-from policies.rl import FEATURE_CLIP, FeatureEncoder, targets_from_action
+from policies.rl import FEATURE_CLIP, FeatureEncoder, Residual, targets_from_action
 from sim.cluster import ClusterConfig, PoolConfig, Simulation
 from traces.arrivals import OnOff
 from traces.loaders import load_trace
@@ -61,14 +70,19 @@ class EnvConfig:
     initial_replicas: tuple[int, int] = (1, 8)  # per pool, drawn uniformly (inclusive)
     # workload: a trace window plus workflow jobs
     trace: str = "azure-code"
-    trace_rate_scale: tuple[float, float] = (1.0, 2.0)  # drawn uniformly: the window is replayed this much faster
+    # drawn uniformly per episode: from light episodes (4 replicas suffice) to ones that need all 8, so that
+    # a scaler gains by reading the load (with narrower ranges one constant count is nearly optimal)
+    trace_rate_scale: tuple[float, float] = (0.25, 2.0)  # the window is replayed this much faster
     trace_slo_s: float = 10.0
     workflow: str = "coding-assistant"
-    workflow_rate: tuple[float, float] = (0.1, 0.6)  # mean jobs/s, drawn uniformly; 0 disables the workflow
+    workflow_rate: tuple[float, float] = (0.0, 0.6)  # mean jobs/s; 0 disables the workflow
     # action and reward
+    residual_of: str | None = "pythia"  # the scaler whose targets the agent corrects; None: absolute counts
+    max_offset: int = 3  # residual policies: the offset stays within -max_offset .. +max_offset replicas
+    reward_baseline: str | None = "pythia"  # reward relative to this scaler's shadow run of the episode; None: absolute
     min_replicas: int = 1
     history: int = 3
-    w_slo: float = 0.1  # one call over its SLO costs as much as two GPUs for one 5 s interval
+    w_slo: float = 0.3  # one call over its SLO costs as much as 30 GPU-seconds
     w_gpu: float = 0.01
 
     def __post_init__(self) -> None:
@@ -84,6 +98,8 @@ class EnvConfig:
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi or (name == "trace_rate_scale" and lo <= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be (low, high) with 0 < low <= high")
+        if self.residual_of is not None and self.max_offset < 1:
+            raise ValueError(f"max_offset={self.max_offset}: a residual policy needs offsets of at least 1")
         if self.history < 1 or self.min_replicas < 0:
             raise ValueError(f"need history >= 1 and min_replicas >= 0; got {self.history}, {self.min_replicas}")
         if self.w_slo < 0 or self.w_gpu < 0:
@@ -211,22 +227,36 @@ class ScalingEnv(gym.Env):
     def __init__(self, config: EnvConfig | None = None, **overrides: object):
         self.config = cfg = replace(config or EnvConfig(), **overrides)
         self.pools = cfg.pools
-        self.encoder = FeatureEncoder(self.pools, cfg.history)
+        self.encoder = FeatureEncoder(self.pools, cfg.history, residual=cfg.residual_of is not None)
         self.observation_space = gym.spaces.Box(0.0, FEATURE_CLIP, (self.encoder.size,), np.float32)
-        self.action_space = gym.spaces.MultiDiscrete([cfg.cluster.num_gpus // p.tp for p in cfg.cluster.pools])
+        self.action_space = gym.spaces.MultiDiscrete(
+            [3] * len(self.pools) if cfg.residual_of is not None  # offset -1 / 0 / +1
+            else [cfg.cluster.num_gpus // p.tp for p in cfg.cluster.pools])
         self.interval_s = cfg.cluster.control_interval_s
         self.sim: Simulation | None = None
         self._obs: ClusterObservation | None = None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        self.episode = sample_episode(self.config, self.np_random)
-        self.sim = Simulation(self.episode.table, self.episode.cluster, make_router(self.config.router))
+        cfg = self.config
+        self.episode = sample_episode(cfg, self.np_random)
+        self.run = _Replay(self.episode, cfg.router)
+        self.sim = self.run.sim
+        self.shadow = _Replay(self.episode, cfg.router) if cfg.reward_baseline else None
+        self.shadow_scaler = make_scaler(cfg.reward_baseline) if cfg.reward_baseline else None
+        self.residual = Residual(make_scaler(cfg.residual_of), self.pools, cfg.max_offset) if cfg.residual_of else None
         self.encoder.reset()
-        self._deadlines = _Deadlines(self.sim.front.calls)
         self.sim.run(until=self.interval_s)
-        self._obs = self.sim.cluster.observe()
-        return self.encoder.encode(self._obs), dict(self.episode.about)
+        if self.shadow:
+            self.shadow.sim.run(until=self.interval_s)
+        return self._observe(), dict(self.episode.about)
+
+    def _observe(self) -> np.ndarray:
+        """Observe the cluster, let the base scaler (if any) decide on it, and encode both."""
+        self._obs = obs = self.sim.cluster.observe()
+        if self.residual:
+            self.residual.observe(obs)
+        return self.encoder.encode(obs, self.residual)
 
     @property
     def cluster_observation(self) -> ClusterObservation:
@@ -238,24 +268,47 @@ class ScalingEnv(gym.Env):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         cfg = self.config
         obs = self.cluster_observation
-        return self.advance(targets_from_action(obs, np.atleast_1d(action), self.pools, cfg.min_replicas))
+        return self.advance(targets_from_action(obs, np.atleast_1d(action), self.pools, cfg.min_replicas,
+                                                self.residual))
 
     def advance(self, targets: dict[str, int]) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Apply replica targets (from an action, or from any ``Scaler``) and run one control interval."""
-        cfg, cluster = self.config, self.sim.cluster
+        cfg = self.config
+        now = self.cluster_observation.now + self.interval_s
+        finished, violations, gpu_seconds = self.run.interval(targets, now, self.interval_s)
+        x = self._observe()
+        truncated = finished or now >= cfg.episode_s - 1e-9
+        own = self.score(violations, gpu_seconds)
+        reward = own
+        if self.shadow:
+            base = self.shadow_scaler.decide(self.shadow.sim.cluster.observe()).target_replicas
+            reward -= self.score(*self.shadow.interval(base, now, self.interval_s)[1:])
+        info = {"slo_violations": violations, "gpu_seconds": gpu_seconds, "own_reward": own,
+                "replicas": {p: self._obs.pools[p].num_active for p in self.pools}}
+        return x, float(reward), False, truncated, info
+
+    def score(self, violations: int, gpu_seconds: float) -> float:
+        """The absolute reward of one interval."""
+        return -(self.config.w_slo * violations + self.config.w_gpu * gpu_seconds)
+
+
+class _Replay:
+    """One simulated run of an episode, advanced a control interval at a time (the agent's, or the shadow)."""
+
+    def __init__(self, episode: Episode, router: str):
+        self.sim = Simulation(episode.table, episode.cluster, make_router(router))
+        self.deadlines = _Deadlines(self.sim.front.calls)
+
+    def interval(self, targets: dict[str, int], until: float, interval_s: float) -> tuple[bool, int, float]:
+        """Apply ``targets``, run to ``until``: (all calls finished, calls late in it, GPU-seconds held)."""
+        cluster = self.sim.cluster
         cluster.apply(targets)
         gpus_before = cluster.gpus_in_use()
-        now = self.cluster_observation.now + self.interval_s
-        finished = self.sim.run(until=now)
-        self._obs = obs = cluster.observe()
-        # GPUs held over the interval: trapezoid between just after the decision and its end
-        gpu_seconds = 0.5 * (gpus_before + obs.total_gpus - obs.free_gpus) * self.interval_s
-        violations = self._deadlines.late_by(now)
-        truncated = finished or now >= cfg.episode_s - 1e-9
-        reward = -(cfg.w_slo * violations + cfg.w_gpu * gpu_seconds)
-        info = {"slo_violations": violations, "gpu_seconds": gpu_seconds,
-                "replicas": {p: obs.pools[p].num_active for p in self.pools}}
-        return self.encoder.encode(obs), float(reward), False, truncated, info
+        finished = self.sim.run(until=until)
+        # GPUs held over the interval: trapezoid between just after the decision and its end. (Not through
+        # cluster.observe(): an observation consumes the interval's counters, which belong to the scaler.)
+        gpu_seconds = 0.5 * (gpus_before + cluster.gpus_in_use()) * interval_s
+        return finished, self.deadlines.late_by(until), gpu_seconds
 
 
 class _Deadlines:
@@ -293,7 +346,7 @@ _register()
 
 def rollout(env: ScalingEnv, seed: int, policy: Scaler | Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
     """Play one episode (``reset(seed=seed)``) with a ``Scaler`` or with a function features -> action;
-    return its totals in the environment's own accounting."""
+    return its totals (reward: the absolute one, whatever ``reward_baseline``)."""
     x, _ = env.reset(seed=seed)
     totals = {"reward": 0.0, "slo_violations": 0.0, "gpu_seconds": 0.0, "steps": 0.0}
     done = False
@@ -302,7 +355,7 @@ def rollout(env: ScalingEnv, seed: int, policy: Scaler | Callable[[np.ndarray], 
             x, reward, terminated, truncated, info = env.advance(policy.decide(env.cluster_observation).target_replicas)
         else:
             x, reward, terminated, truncated, info = env.step(policy(x))
-        totals["reward"] += reward
+        totals["reward"] += info["own_reward"]
         totals["slo_violations"] += info["slo_violations"]
         totals["gpu_seconds"] += info["gpu_seconds"]
         totals["steps"] += 1
