@@ -36,7 +36,7 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize  # noqa: E402
 
 from policies.api import make_scaler  # noqa: E402
-from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names  # noqa: E402
+from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, Residual, checkpoint_paths, feature_names  # noqa: E402
 from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout  # noqa: E402
 
 NAME = "train-scaler"
@@ -178,11 +178,11 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
 
 
 def hold_offset(model: PPO, num_pools: int, logit: float) -> None:
-    """Bias the policy's action logits towards "keep the offset" (action 1 of -1 / 0 / +1) for every pool."""
+    """Bias the policy's action logits towards "keep the offset" (``Residual.KEEP``) for every pool."""
     bias = model.policy.action_net.bias
     with torch.no_grad():
         for k in range(num_pools):
-            bias[3 * k + 1] += logit
+            bias[k * Residual.NUM_ACTIONS + Residual.KEEP] += logit
 
 
 def plot_curve(table: pd.DataFrame, ax) -> None:

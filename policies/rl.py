@@ -53,6 +53,7 @@ POOL_FEATURES = INSTANT_FEATURES + SLOW_FEATURES
 # residual policies, per pool: the base scaler's target (a share of the GPUs) and the policy's offset to it
 RESIDUAL_FEATURES = ("base_target_gpu_share", "residual_offset")
 FEATURE_CLIP = 10.0  # every feature lies in [0, FEATURE_CLIP]
+RATE_SCALES = (3.0, 10.0)  # log1p(arrivals/s) and log1p(arrival tokens/s) are divided by these, instant or averaged
 
 
 def _log(x: float, scale: float = 1.0) -> float:
@@ -74,7 +75,8 @@ def pool_features(pool: PoolObservation, obs: ClusterObservation) -> list[float]
         len(ready) / max_replicas, starting / max_replicas, draining / max_replicas,
         _log(pool.pending, 5), _log(sum(r.num_waiting for r in reps), 5), _log(sum(r.num_running for r in reps), 5),
         float(np.mean(kv)) if kv else 0.0, max(kv, default=0.0),
-        _log(pool.arrivals / dt, 3), _log(pool.arrival_tokens / dt, 10), _log(pool.completions / dt, 3),
+        _log(pool.arrivals / dt, RATE_SCALES[0]), _log(pool.arrival_tokens / dt, RATE_SCALES[1]),
+        _log(pool.completions / dt, 3),
         _log(pool.p99_latency_s, 3), _log(pool.slo_violations, 3),
         _log(sum(r.outstanding_tokens for r in reps if r.state != "draining"), 10),
         _log(sum(pool.inflight_by_agent.values()), 5), _log(sum(pool.expected_next_by_agent.values()), 5),
@@ -123,7 +125,8 @@ class FeatureEncoder:
         else:
             alpha = 1.0 - np.exp(-dt / np.asarray(SLOW_TAUS_S))[None, :, None]
             self._ewma = self._ewma + alpha * (rates - self._ewma)
-        return np.log1p(self._ewma) / np.array([3.0, 10.0])  # the scales of the instant rate features
+        return np.log1p(self._ewma) / np.asarray(RATE_SCALES)
+
     def encode(self, obs: ClusterObservation, residual: Residual | None = None) -> np.ndarray:
         """``residual``: a residual policy's state (after ``Residual.observe(obs)``), which it sees (and needs)."""
         missing = [p for p in self.pools if p not in obs.pools]
@@ -149,11 +152,13 @@ class FeatureEncoder:
 class Residual:
     """A residual policy's state: per pool, an offset to the base scaler's replica target.
 
-    Each action moves an offset by -1 (action 0), 0 (1) or +1 (2), within +-``max_offset``. Moving an offset
+    Each action moves an offset by -1 (action 0), 0 (``KEEP``) or +1 (2), within +-``max_offset``. Moving an offset
     rather than naming it makes exploration temporally coherent: a policy that tries trimming keeps the
     trim for a while, instead of dropping a replica for one interval and paying a cold start to get it back.
     The base scaler decides on every observation exactly as it would alone (``observe``).
     """
+
+    NUM_ACTIONS, KEEP = 3, 1  # per pool
 
     def __init__(self, base: Scaler, pools: Sequence[str], max_offset: int):
         if max_offset < 1:
@@ -172,7 +177,7 @@ class Residual:
     def step(self, action: Sequence[int] | np.ndarray) -> dict[str, int]:
         """Move the offsets by the action; the wanted replicas per pool (base target + offset)."""
         for p, a in zip(self.pools, action, strict=True):
-            self.offsets[p] = min(max(self.offsets[p] + int(a) - 1, -self.max_offset), self.max_offset)
+            self.offsets[p] = min(max(self.offsets[p] + int(a) - self.KEEP, -self.max_offset), self.max_offset)
         return {p: self.base_targets.get(p, 0) + self.offsets[p] for p in self.pools}
 
 

@@ -230,7 +230,7 @@ class ScalingEnv(gym.Env):
         self.encoder = FeatureEncoder(self.pools, cfg.history, residual=cfg.residual_of is not None)
         self.observation_space = gym.spaces.Box(0.0, FEATURE_CLIP, (self.encoder.size,), np.float32)
         self.action_space = gym.spaces.MultiDiscrete(
-            [3] * len(self.pools) if cfg.residual_of is not None  # offset -1 / 0 / +1
+            [Residual.NUM_ACTIONS] * len(self.pools) if cfg.residual_of is not None
             else [cfg.cluster.num_gpus // p.tp for p in cfg.cluster.pools])
         self.interval_s = cfg.cluster.control_interval_s
         self.sim: Simulation | None = None
