@@ -26,6 +26,9 @@ from sim.cluster import simulate
 from sim.env import EnvConfig, sample_episode
 
 INITIAL_REPLICAS = 2  # what the dynamic scalers start from (as experiments.common's scaled systems)
+EPISODES = 30  # test episodes (--quick: 2); paired: every scaler plays the same ones
+BASELINE = "Pythia heuristic"  # the scaler the learned one is compared with, episode by episode
+SLO_TOLERANCE = 0.005  # "as good" attainment in the paired comparison
 WARMUP_S = 60.0  # gpus_min/gpus_max ignore the first minute (scaling up from INITIAL_REPLICAS)
 
 
@@ -41,7 +44,7 @@ def contenders(num_gpus: int, quick: bool, checkpoint: Path, residual_of: str | 
     statics = (num_gpus,) if quick else (num_gpus // 2, 3 * num_gpus // 4, num_gpus)
     rl = f"RL (PPO residual on {residual_of})" if residual_of else "RL (PPO)"
     return [*(Contender(f"static {n}", "static", {"replicas": n}, n) for n in statics),
-            Contender("HPA", "hpa"), Contender("KPA", "kpa"), Contender("Pythia heuristic", "pythia"),
+            Contender("HPA", "hpa"), Contender("KPA", "kpa"), Contender(BASELINE, "pythia"),
             Contender(rl, "rl", {"path": str(checkpoint)})]
 
 
@@ -71,7 +74,7 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEF
     cfg = replace(EnvConfig.from_dict(meta["env_config"]), split="test")
     if quick:
         cfg = replace(cfg, episode_s=120.0)
-    episodes = 2 if quick else 10
+    episodes = 2 if quick else EPISODES
     who = contenders(cfg.cluster.num_gpus, quick, checkpoint, meta["residual_of"])
     work = [Job(cfg, (seed, k), w) for k in range(episodes) for w in who]
     df = pd.DataFrame(parallel_map(_run, work, jobs, desc="simulate"))
@@ -79,15 +82,27 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEF
     g = df.groupby("scaler", sort=False)
     summary = g[["slo_attainment", "gpu_seconds", "p99_latency_s", "mean_jct_s"]].mean()
     summary["gpus_min"], summary["gpus_max"] = g["gpus_min"].min(), g["gpus_max"].max()
-    summary = summary.reset_index()
+    summary = summary.join(paired(df)).reset_index()
     summary.insert(1, "episodes", episodes)
     _plot(meta, summary, df, out, cfg)
     return summary
 
 
+def paired(df: pd.DataFrame) -> pd.DataFrame:
+    """Per scaler, the share of episodes where it used fewer GPU-seconds than ``BASELINE`` on the same episode,
+    and where its SLO attainment was at least the baseline's less ``SLO_TOLERANCE``: a mean can hide one
+    episode that decides it."""
+    by = df.pivot(index="episode", columns="scaler")
+    gpu, slo = by["gpu_seconds"], by["slo_attainment"]
+    return pd.DataFrame({
+        "fewer_gpu_s_than_pythia": gpu.lt(gpu[BASELINE], axis=0).mean(),
+        "slo_as_good_as_pythia": slo.ge(slo[BASELINE] - SLO_TOLERANCE, axis=0).mean(),
+    })
+
+
 def _plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, out: Path, cfg: EnvConfig) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.3))
-    plot_curve(pd.DataFrame(meta["curve"]), a)
+    plot_curve(pd.DataFrame(meta["curve"]), a, meta.get("selected_at"))
     a.set_title(f"training: PPO, {meta['timesteps']} steps, reward on validation windows", fontsize=10)
     for k, row in summary.iterrows():
         pts = df[df["scaler"] == row["scaler"]]
@@ -98,8 +113,8 @@ def _plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, out: Path, cfg: E
                   marker="*" if row["scaler"].startswith("RL") else "o")
     b.set_xlabel("GPU-seconds per episode")
     b.set_ylabel("SLO attainment")
-    b.set_title(f"held-out windows ({len(df['episode'].unique())} test episodes of {cfg.episode_s:.0f} s "
-                f"+ drain); big marker = mean", fontsize=10)
+    b.set_title(f"{len(df['episode'].unique())} held-out test episodes ({cfg.episode_s:.0f} s + drain); "
+                "big marker = mean", fontsize=10)
     b.grid(alpha=0.3)
     b.legend(fontsize=7, loc="lower right")
     fig.suptitle("Fig. 12: a scaling policy learned on the simulator (PPO) vs heuristic scalers")

@@ -36,7 +36,7 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize  # noqa: E402
 
 from policies.api import make_scaler  # noqa: E402
-from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, Residual, checkpoint_paths, feature_names  # noqa: E402
+from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names  # noqa: E402
 from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout  # noqa: E402
 
 NAME = "train-scaler"
@@ -45,7 +45,7 @@ RUNS_DIR = Path("runs")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    timesteps: int = 48_000
+    timesteps: int = 64_000
     n_envs: int = 2
     n_steps: int = 256  # per environment per PPO update
     batch_size: int = 128
@@ -53,11 +53,15 @@ class TrainConfig:
     learning_rate: float = 3e-4
     gamma: float = 0.98  # 5 s steps: a ~4 min horizon, several cold starts long
     gae_lambda: float = 0.95
-    ent_coef: float = 0.01
+    ent_coef: float = 0.0
     net_arch: tuple[int, ...] = (64, 64)
-    # residual policies: the initial logit of "keep the offset" over -1 / +1 (3: probability 0.91, so an
-    # exploring policy changes its offset about once a minute and holds each trial for a while)
-    hold_logit: float = 3.0
+    # Residual policies (continuous offsets) explore with generalized state-dependent noise (gSDE): the
+    # perturbation is a function of the state, redrawn every `sde_sample_freq` steps, so an exploring policy
+    # holds a correction while the load stays alike instead of flipping replicas every interval (each
+    # flip drains a replica and starts a cold one). The initial mean offset is ~0: the heuristic itself.
+    use_sde: bool = True
+    sde_sample_freq: int = 64  # about one episode
+    log_std_init: float = -2.0
     eval_every: int = 8_000  # environment steps between evaluations
     eval_episodes: int = 8
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -135,12 +139,12 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
     # Rewards scaled by a running estimate of the return's spread, for the value function's sake; the
     # observations are left alone: the policy must take exactly what FeatureEncoder gives RLScaler.
     venv = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=cfg.gamma)
+    sde = cfg.use_sde and cfg.env.residual_of is not None  # gSDE needs continuous actions
     model = PPO("MlpPolicy", venv, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
                 learning_rate=cfg.learning_rate, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef,
-                policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed, device="cpu",
-                tensorboard_log=str(log_dir) if log_dir else None, verbose=0)
-    if cfg.env.residual_of is not None:
-        hold_offset(model, len(cfg.env.pools), cfg.hold_logit)
+                use_sde=sde, sde_sample_freq=cfg.sde_sample_freq,
+                policy_kwargs={"net_arch": list(cfg.net_arch), **({"log_std_init": cfg.log_std_init} if sde else {})},
+                seed=seed, device="cpu", tensorboard_log=str(log_dir) if log_dir else None, verbose=0)
     curve = CurveCallback(cfg)
     try:
         model.learn(cfg.timesteps, callback=curve, tb_log_name=f"ppo-seed{seed}", progress_bar=True)
@@ -177,17 +181,9 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
     return table
 
 
-def hold_offset(model: PPO, num_pools: int, logit: float) -> None:
-    """Bias the policy's action logits towards "keep the offset" (``Residual.KEEP``) for every pool."""
-    bias = model.policy.action_net.bias
-    with torch.no_grad():
-        for k in range(num_pools):
-            bias[k * Residual.NUM_ACTIONS + Residual.KEEP] += logit
-
-
-def plot_curve(table: pd.DataFrame, ax) -> None:
+def plot_curve(table: pd.DataFrame, ax, selected_at: int | None = None) -> None:
     """Reward per episode vs training steps; heuristic references as horizontal lines; a training reward
-    relative to a baseline on its own (right) axis."""
+    relative to a baseline on its own (right) axis; the policy kept (``selected_at``) as a vertical line."""
     for name, g in table.groupby("curve", sort=False):
         if name.startswith("train PPO ("):
             right = ax.twinx()
@@ -201,6 +197,8 @@ def plot_curve(table: pd.DataFrame, ax) -> None:
         else:
             ax.plot(g["timesteps"], g["reward"], marker="o" if name == "val PPO" else None, ms=3,
                     lw=1.5 if name == "val PPO" else 0.8, label=name, color="C0" if name == "val PPO" else "C7")
+    if selected_at is not None:
+        ax.axvline(selected_at, ls=":", lw=1.2, color="C0", label=f"kept: best on validation ({selected_at} steps)")
     ax.set_xlabel("training steps (control intervals)")
     ax.set_ylabel("reward per episode")
     ax.grid(alpha=0.3)
@@ -215,10 +213,15 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, timesteps: int | None 
         cfg = replace(cfg, timesteps=timesteps)
     table = train(cfg, seed, out / NAME, RUNS_DIR / NAME, subproc=jobs > 1)
     table.to_csv(out / f"{NAME}.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    plot_curve(table, ax)
-    ax.set_title(f"PPO scaler on {ENV_ID} ({cfg.timesteps} steps, seed {seed})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    plot_training(json.loads(checkpoint_paths(out / NAME)[1].read_text()), out / f"{NAME}.png")
     return table
+
+
+def plot_training(meta: dict, png: Path) -> None:
+    """The learning curve stored in a checkpoint's JSON, as a figure of its own."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    plot_curve(pd.DataFrame(meta["curve"]), ax, meta["selected_at"])
+    ax.set_title(f"PPO scaler on {meta['env_id']} ({meta['timesteps']} steps, seed {meta['seed']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -2,8 +2,8 @@
 
 A policy either names replica counts itself, or (``residual_of``, the default of ``sim.env.EnvConfig``)
 corrects a heuristic scaler (residual policy learning, see ``Residual``): it sees the heuristic's target and
-its own running offset to it, and moves that offset. Holding offset 0 is the heuristic itself, so training
-starts from a working scaler and learns where to deviate from it, instead of discovering scaling from a
+its offset of the last interval, and names the offset for this one. Offset 0 is the heuristic itself, so
+training starts from a working scaler and learns where to deviate from it, instead of discovering scaling from a
 random policy that restarts replicas every interval.
 
 The same ``FeatureEncoder`` turns a ``ClusterObservation`` into the policy's input both in the training
@@ -33,7 +33,8 @@ from policies.scalers import fit_to_gpus
 # The version of the policy's interface: the features (per pool POOL_FEATURES, then the free GPU share,
 # stacked over `history` control intervals) and the meaning of its actions (targets_from_action).
 # 2: SLOW_FEATURES added (the load over the last minutes, not only the last interval); residual policies.
-ENCODER_VERSION = 2
+# 3: a residual action is the offset itself (a real number, rounded) instead of a -1/0/+1 move of it.
+ENCODER_VERSION = 3
 CHECKPOINT_FORMAT = "pythia-rl-scaler"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ppo-scaler"
 
@@ -152,13 +153,14 @@ class FeatureEncoder:
 class Residual:
     """A residual policy's state: per pool, an offset to the base scaler's replica target.
 
-    Each action moves an offset by -1 (action 0), 0 (``KEEP``) or +1 (2), within +-``max_offset``. Moving an offset
-    rather than naming it makes exploration temporally coherent: a policy that tries trimming keeps the
-    trim for a while, instead of dropping a replica for one interval and paying a cold start to get it back.
-    The base scaler decides on every observation exactly as it would alone (``observe``).
+    The action is, per pool, the offset as a real number in [-``max_offset``, +``max_offset``], rounded to
+    whole replicas; 0 is the base scaler alone. A continuous offset lets training move the policy's mean
+    correction by small steps (a Gaussian policy's deterministic action is its mean, which follows the
+    advantages), where a categorical policy's most likely offset stays 0 until one alternative overtakes it
+    outright; naming the offset, rather than moving it by one per interval, lets the correction follow the
+    base target, which can jump from 2 to 8 replicas in one interval. The base scaler decides on every
+    observation exactly as it would alone (``observe``).
     """
-
-    NUM_ACTIONS, KEEP = 3, 1  # per pool
 
     def __init__(self, base: Scaler, pools: Sequence[str], max_offset: int):
         if max_offset < 1:
@@ -171,17 +173,21 @@ class Residual:
         self.base_targets = self.base.decide(obs).target_replicas
 
     def features(self, pool: str, obs: ClusterObservation) -> list[float]:
+        """The base's target (a GPU share) and the offset chosen last interval (0..1 over -max..+max)."""
         share = self.base_targets.get(pool, 0) * obs.pools[pool].gpus_per_replica / max(obs.total_gpus, 1)
         return [share, (self.offsets[pool] + self.max_offset) / (2 * self.max_offset)]
 
-    def step(self, action: Sequence[int] | np.ndarray) -> dict[str, int]:
-        """Move the offsets by the action; the wanted replicas per pool (base target + offset)."""
+    def step(self, action: Sequence[float] | np.ndarray) -> dict[str, int]:
+        """Set the offsets from the action (clipped to +-max_offset, rounded half to even); the wanted
+        replicas per pool (base target + offset)."""
         for p, a in zip(self.pools, action, strict=True):
-            self.offsets[p] = min(max(self.offsets[p] + int(a) - self.KEEP, -self.max_offset), self.max_offset)
+            if not math.isfinite(a):
+                raise ValueError(f"residual action {a} for pool '{p}' is not a finite number")
+            self.offsets[p] = int(np.rint(min(max(float(a), -self.max_offset), self.max_offset)))
         return {p: self.base_targets.get(p, 0) + self.offsets[p] for p in self.pools}
 
 
-def targets_from_action(obs: ClusterObservation, action: Sequence[int] | np.ndarray, pools: Sequence[str],
+def targets_from_action(obs: ClusterObservation, action: Sequence[float] | np.ndarray, pools: Sequence[str],
                         min_replicas: int = 1, residual: Residual | None = None) -> dict[str, int]:
     """Replica targets per pool, bounded below by ``min_replicas`` and, for scale-ups, by the free GPUs
     (``fit_to_gpus``, as every scaler). Without ``residual``, action k means "run k + 1 replicas" (naming the

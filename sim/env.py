@@ -4,8 +4,9 @@ The agent plays the ``Scaler``: it sees each ``ClusterObservation`` through ``po
 (the encoder ``RLScaler`` uses on the real executor) and answers, per pool, how many replicas to run
 (``policies.rl.targets_from_action``, clamped like every scaler by ``fit_to_gpus``). By default it is a
 residual policy on the Pythia heuristic (``residual_of``, ``policies.rl.Residual``): the heuristic decides
-every interval as it would alone, the agent sees its target and moves its own offset to it by -1, 0 or +1
-(within ``max_offset``); with ``residual_of=None`` it names replica counts itself. The reward of an interval is
+every interval as it would alone, the agent sees its target and names an offset to it (a real number in
+-``max_offset`` .. +``max_offset``, rounded to replicas); with ``residual_of=None`` it names replica counts
+itself. The reward of an interval is
 
     -(w_slo * calls whose SLO deadline passed in the interval before they finished
       + w_gpu * GPU-seconds held in the interval)
@@ -229,9 +230,10 @@ class ScalingEnv(gym.Env):
         self.pools = cfg.pools
         self.encoder = FeatureEncoder(self.pools, cfg.history, residual=cfg.residual_of is not None)
         self.observation_space = gym.spaces.Box(0.0, FEATURE_CLIP, (self.encoder.size,), np.float32)
-        self.action_space = gym.spaces.MultiDiscrete(
-            [Residual.NUM_ACTIONS] * len(self.pools) if cfg.residual_of is not None
-            else [cfg.cluster.num_gpus // p.tp for p in cfg.cluster.pools])
+        if cfg.residual_of is not None:  # the offset per pool (``Residual.step`` rounds it)
+            self.action_space = gym.spaces.Box(-cfg.max_offset, cfg.max_offset, (len(self.pools),), np.float32)
+        else:  # the replica count per pool, less one
+            self.action_space = gym.spaces.MultiDiscrete([cfg.cluster.num_gpus // p.tp for p in cfg.cluster.pools])
         self.interval_s = cfg.cluster.control_interval_s
         self.sim: Simulation | None = None
         self._obs: ClusterObservation | None = None

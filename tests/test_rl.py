@@ -33,6 +33,7 @@ from sim.env import ENV_ID, SPLITS, EnvConfig, ScalingEnv, rollout, sample_episo
 
 # Small episodes keep every test cheap; the defaults are exercised by the training test and fig12.
 SMALL = EnvConfig(episode_s=40.0, trace_rate_scale=(1.0, 1.5), workflow_rate=(0.1, 0.3))
+KEEP = 0.0  # the residual action (offset) that keeps the heuristic's target
 
 
 def test_check_env_passes() -> None:
@@ -43,7 +44,7 @@ def test_registered_under_a_versioned_id() -> None:
     env = gym.make(ENV_ID, config=SMALL)
     x, info = env.reset(seed=1)
     assert env.observation_space.contains(x)
-    assert env.action_space == gym.spaces.MultiDiscrete([3])  # move the offset to the heuristic's target -1/0/+1
+    assert env.action_space == gym.spaces.Box(-3.0, 3.0, (1,), np.float32)  # the offset to the heuristic's target
     assert ScalingEnv(replace(SMALL, residual_of=None)).action_space == gym.spaces.MultiDiscrete([8])  # 1..8
     assert info["split"] == "train" and info["num_calls"] > 0
     env.close()
@@ -111,13 +112,13 @@ def test_reward_charges_gpu_seconds() -> None:
 
 
 def test_a_residual_policy_at_offset_zero_is_its_base_heuristic() -> None:
-    """The residual agent that always keeps its offset (action 1, offset 0) reproduces the Pythia heuristic run
-    alone, step for step; one that keeps lowering it runs fewer GPUs."""
+    """The residual agent that always names offset 0 reproduces the Pythia heuristic run alone, step for step;
+    one that names -3 runs fewer GPUs."""
     env = ScalingEnv(replace(SMALL, episode_s=120.0))
-    follow = rollout(env, 2, lambda x: np.array([1]))
+    follow = rollout(env, 2, lambda x: np.array([KEEP]))
     heuristic = rollout(env, 2, make_scaler("pythia"))
     assert follow == heuristic
-    assert rollout(env, 2, lambda x: np.array([0]))["gpu_seconds"] < heuristic["gpu_seconds"]
+    assert rollout(env, 2, lambda x: np.array([-3.0]))["gpu_seconds"] < heuristic["gpu_seconds"]
 
 
 def test_the_policy_observes_every_arrival_once() -> None:
@@ -127,7 +128,7 @@ def test_the_policy_observes_every_arrival_once() -> None:
     env.reset(seed=1)
     seen, done = env.cluster_observation.pools["default"].arrivals, False
     while not done:
-        done = env.step(np.array([1]))[3]
+        done = env.step(np.array([KEEP]))[3]
         seen += env.cluster_observation.pools["default"].arrivals
     assert seen == len(env.sim.front.calls) > 0
 
@@ -136,14 +137,14 @@ def test_the_reward_is_relative_to_the_baseline_run_on_the_same_episode() -> Non
     """Following the heuristic earns exactly 0 per step against its shadow run; trimming earns the difference."""
     env = ScalingEnv(replace(SMALL, episode_s=120.0))
     env.reset(seed=2)
-    rewards = [env.step(np.array([1]))[1] for _ in range(10)]
+    rewards = [env.step(np.array([KEEP]))[1] for _ in range(10)]
     assert rewards == [0.0] * 10
     absolute = ScalingEnv(replace(SMALL, episode_s=120.0, reward_baseline=None))
-    trim, heuristic = (rollout(absolute, 2, lambda x, a=a: np.array([a])) for a in (0, 1))
+    trim, heuristic = (rollout(absolute, 2, lambda x, a=a: np.array([a])) for a in (-3.0, KEEP))
     env.reset(seed=2)
     total, done = 0.0, False
     while not done:
-        _, r, _, done, _ = env.step(np.array([0]))
+        _, r, _, done, _ = env.step(np.array([-3.0]))
         total += r
     assert total == pytest.approx(trim["reward"] - heuristic["reward"]) and total != 0.0
 
@@ -209,12 +210,14 @@ def test_actions_name_replica_counts_within_min_replicas_and_free_gpus() -> None
     assert targets_from_action(obs, [0], ["default"]) == {"default": 1}
     assert targets_from_action(obs, [7], ["default"]) == {"default": 7}  # 2 active + 5 free GPUs
     assert targets_from_action(obs, [0], ["default"], min_replicas=2) == {"default": 2}
-    # residual: the base's target plus an offset that each action moves by -1 / 0 / +1, within +-max_offset
+    # residual: the base's target plus the offset the action names, clipped to +-max_offset and rounded
     res = Residual(make_scaler("static", replicas=4), ["default"], max_offset=2)
     res.observe(obs)
-    steps = [targets_from_action(obs, [a], ["default"], 1, res)["default"] for a in (0, 0, 0, 1, 2, 2, 2, 2)]
-    assert steps == [3, 2, 2, 2, 3, 4, 5, 6] and res.offsets == {"default": 2}
-    assert targets_from_action(obs, [0], ["default"], 5, res) == {"default": 5}  # min_replicas still holds
+    steps = [targets_from_action(obs, [a], ["default"], 1, res)["default"] for a in (-2.0, 0.4, 1.6, -0.6, 9.0)]
+    assert steps == [2, 4, 6, 3, 6] and res.offsets == {"default": 2}
+    assert targets_from_action(obs, [-2.0], ["default"], 5, res) == {"default": 5}  # min_replicas still holds
+    with pytest.raises(ValueError, match="residual action nan for pool 'default' is not a finite number"):
+        targets_from_action(obs, [float("nan")], ["default"], 1, res)
 
 
 # --- training and the artifact ----------------------------------------------------------------------
@@ -263,8 +266,11 @@ def test_a_mismatched_encoder_version_is_refused(trained, tmp_path) -> None:
 
 def test_the_shipped_checkpoint_is_a_full_run_on_the_current_environment() -> None:
     """policies/checkpoints/ppo-scaler: what `python -m experiments.run train-scaler` wrote, loadable as is."""
+    from experiments.train_scaler import FULL
+
     meta = read_checkpoint_meta(DEFAULT_CHECKPOINT)
-    assert meta["timesteps"] >= 40_000 and meta["algorithm"] == "PPO"
+    assert meta["timesteps"] == FULL.timesteps and meta["algorithm"] == "PPO"
+    assert meta["train_config"]["use_sde"] == FULL.use_sde and meta["train_config"]["net_arch"] == list(FULL.net_arch)
     assert EnvConfig.from_dict(meta["env_config"]) == EnvConfig()  # trained on today's default episodes
     zip_path, _ = checkpoint_paths(DEFAULT_CHECKPOINT)
     assert zip_path.stat().st_size < 5 * 2**20
