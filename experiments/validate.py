@@ -82,12 +82,20 @@ def median_abs_pct_error(sim: pd.Series, real: pd.Series) -> float:
     return float(100 * np.median(np.abs(sim.to_numpy() / real.to_numpy() - 1)))
 
 
+def median_factor(sim: pd.Series, real: pd.Series) -> float:
+    """The median over calls of max(sim/real, real/sim): symmetric, where a percentage error of a simulator
+    that is too slow grows without bound and one of a simulator that is too fast stays below 100 %."""
+    return float(np.exp(np.median(np.abs(np.log(sim.to_numpy() / real.to_numpy())))))
+
+
 def summary(calls: pd.DataFrame) -> pd.DataFrame:
     hit = {t: calls[f"cached_{t}"].sum() / calls["input_tokens"].sum() for t in ("real", "sim")}
     return pd.DataFrame([{
         "router": ROUTER, "calls": len(calls), "calls_ok_real": int((calls["status_real"] == "ok").sum()),
         "e2e_median_abs_err_pct": median_abs_pct_error(calls["e2e_sim"], calls["e2e_real"]),
         "ttft_median_abs_err_pct": median_abs_pct_error(calls["ttft_sim"], calls["ttft_real"]),
+        "e2e_median_factor": median_factor(calls["e2e_sim"], calls["e2e_real"]),
+        "ttft_median_factor": median_factor(calls["ttft_sim"], calls["ttft_real"]),
         "e2e_median_real_s": calls["e2e_real"].median(), "e2e_median_sim_s": calls["e2e_sim"].median(),
         "ttft_median_real_s": calls["ttft_real"].median(), "ttft_median_sim_s": calls["ttft_sim"].median(),
         "hit_rate_real": hit["real"], "hit_rate_sim": hit["sim"], "hit_rate_diff": hit["sim"] - hit["real"],
@@ -122,7 +130,8 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
         name = metric.upper()
         ax.set(xscale="log", yscale="log", xlabel=f"real {name} (s)", ylabel=f"simulated {name} (s)",
-               title=f"{metric.upper()} per call: median |error| {s[f'{metric}_median_abs_err_pct']:.0f} %")
+               title=f"{metric.upper()} per call: median |error| {s[f'{metric}_median_abs_err_pct']:.0f} %, "
+                     f"factor {s[f'{metric}_median_factor']:.2f}")
         ax.legend(fontsize=8)
     ax = axes[0][2]
     for k, metric in enumerate(("ttft", "e2e")):

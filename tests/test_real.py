@@ -22,7 +22,7 @@ from dataclasses import replace
 import pytest
 
 import real
-from policies.api import ScaleAction, make_router
+from policies.api import ScaleAction, make_router, make_scaler
 from policies.frontend import RESULT_COLUMNS
 from real.config import RealConfig
 from real.launcher import (
@@ -366,6 +366,22 @@ def test_scaler_starts_and_drains_attached_replicas(servers, tiny_cfg):
     assert len(late) and set(late["replica_id"]) == {kept[0]}, "a draining replica got new calls"
     assert scaler.seen[1].free_gpus == 1 and scaler.seen[2].free_gpus == 0
     assert scaler.seen[0].pools["default"].arrivals >= 2
+
+
+@pytest.mark.real
+@requires_vllm
+@pytest.mark.skipif(importlib.util.find_spec("stable_baselines3") is None, reason="needs the rl extra")
+def test_the_trained_rl_scaler_drives_real_servers_unchanged(servers, tiny_cfg):
+    """The shipped PPO checkpoint, made by name from the scaler registry exactly as the simulator makes it,
+    scales the real executor on observations built from the servers' /metrics."""
+    import policies.rl  # noqa: F401  (registers "rl")
+
+    cfg = _attach(tiny_cfg, servers, num_replicas=1, control_interval_s=1.0)
+    scaler = make_scaler("rl")
+    res = real.execute(workflow_table(base=7000, jobs=10, spacing_s=0.5), cfg, make_router("round_robin"), scaler)
+    assert (res.requests["status"] == "ok").all(), res.failures
+    assert scaler.residual.base_targets.keys() == {"default"}  # it decided, on the real cluster's observations
+    assert len(res.servers) >= 1
 
 
 TINY_WORKFLOW = """

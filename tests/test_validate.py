@@ -9,13 +9,14 @@ import pytest
 
 from experiments import validate
 
-# Measured on the 2-core CI-like VM (2026-11-24), with the cpu-core constants fitted under two-server contention
-# (`experiments.calibrate_cpu --cores 0,1`): the simulator still underestimates real latency (median |error| of
-# E2E 49 %, TTFT 61 % on the full run; 59 % / 77 % with constants fitted on one quiet server). The rest is the
-# servers' API processes starved of CPU: some calls get all their tokens in one burst a second late, which the
-# simulator does not model. The bound leaves room for machine noise but fails on a unit or cost-model slip
-# (a simulator 10x off is >= 90 % off).
-E2E_ERROR_BOUND_PCT = 75.0
+# Measured on the 2-core CI-like VM, with the cpu-core constants fitted under two-server contention
+# (`experiments.calibrate_cpu --cores 0,1`): the simulator's per-call latencies are off by a median factor of
+# 1.9-2.2 (E2E) and 1.8-2.6 (TTFT) from run to run, in either direction: the same quick run has measured real
+# median E2E 0.24 s and 0.55 s on different days against the simulator's 0.30-0.32 s. The servers' API processes
+# share the two cores with the engines and the client (some calls get all their tokens in one burst a second
+# late), which the simulator does not model. The bound leaves room for that noise but fails on a unit or
+# cost-model slip (a simulator 10x off is a factor 10).
+E2E_FACTOR_BOUND = 3.0
 HIT_RATE_TOLERANCE = 0.02  # same placement rules, same block hashing: the rates agree unless the caches diverge
 
 
@@ -30,4 +31,11 @@ def test_quick_validation_matches_real_vllm(tmp_path):
     print(s.to_string())
     assert s["calls"] == len(calls) == s["calls_ok_real"] and (calls["status_sim"] == "ok").all()
     assert abs(s["hit_rate_diff"]) <= HIT_RATE_TOLERANCE and s["hit_rate_real"] > 0.3
-    assert s["e2e_median_abs_err_pct"] < E2E_ERROR_BOUND_PCT
+    assert s["e2e_median_factor"] < E2E_FACTOR_BOUND
+
+
+def test_median_factor_is_symmetric_in_over_and_underestimates() -> None:
+    real = pd.Series([1.0, 1.0, 1.0])
+    assert validate.median_factor(real * 2, real) == pytest.approx(2.0) == validate.median_factor(real / 2, real)
+    assert validate.median_factor(pd.Series([1.0, 4.0, 1.0]), pd.Series([1.0, 1.0, 3.0])) == pytest.approx(3.0)
+    assert validate.median_abs_pct_error(real / 2, real) == pytest.approx(50.0)  # the percentage is not
