@@ -9,6 +9,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 gym = pytest.importorskip("gymnasium", reason="the RL tests need the 'rl' extra: pip install -e '.[rl]'")
@@ -250,6 +251,27 @@ def test_quick_training_saves_a_checkpoint_that_runs_in_the_simulator(trained) -
     res = simulate(ep.table, ep.cluster, make_router("round_robin"), scaler)
     assert (res.requests["status"] == "ok").all()
     assert res.cluster["gpus_in_use"].between(1, ep.cluster.num_gpus).all()
+
+
+def test_training_and_the_trained_scaler_are_deterministic(trained, tmp_path) -> None:
+    """Same config and seed: the same learning curve and weights; the loaded policy replays a run exactly."""
+    import torch
+    from stable_baselines3 import PPO
+
+    from experiments.train_scaler import QUICK, train
+
+    cfg = replace(QUICK, timesteps=256, n_envs=1, n_steps=128, eval_every=128, eval_episodes=1,
+                  env=replace(SMALL, episode_s=30.0))
+    curves = [train(cfg, seed=3, save_to=tmp_path / f"run{k}") for k in range(2)]
+    pd.testing.assert_frame_equal(curves[0], curves[1], check_exact=True)
+    weights = [PPO.load(tmp_path / f"run{k}.zip", device="cpu").policy.state_dict() for k in range(2)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+    stem, _ = trained
+    ep = sample_episode(replace(SMALL, split="test", episode_s=60.0), np.random.default_rng(4))
+    runs = [simulate(ep.table, ep.cluster, make_router("round_robin"), RLScaler(stem)) for _ in range(2)]
+    pd.testing.assert_frame_equal(runs[0].cluster, runs[1].cluster, check_exact=True)
+    pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests, check_exact=True)
 
 
 def test_a_mismatched_encoder_version_is_refused(trained, tmp_path) -> None:
