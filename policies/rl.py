@@ -150,6 +150,12 @@ class FeatureEncoder:
         return np.concatenate(self._frames)
 
 
+def check_max_offset(max_offset: int) -> None:
+    """A residual policy's offset range must hold at least one replica either way."""
+    if max_offset < 1:
+        raise ValueError(f"max_offset={max_offset}: a residual policy needs offsets of at least 1")
+
+
 class Residual:
     """A residual policy's state: per pool, an offset to the base scaler's replica target.
 
@@ -163,8 +169,7 @@ class Residual:
     """
 
     def __init__(self, base: Scaler, pools: Sequence[str], max_offset: int):
-        if max_offset < 1:
-            raise ValueError(f"max_offset={max_offset}: a residual policy needs offsets of at least 1")
+        check_max_offset(max_offset)
         self.base, self.pools, self.max_offset = base, tuple(pools), max_offset
         self.offsets = dict.fromkeys(self.pools, 0)
         self.base_targets: dict[str, int] = {}

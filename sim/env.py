@@ -47,7 +47,7 @@ import pandas as pd
 
 from policies.api import ClusterObservation, Scaler, make_router, make_scaler
 from policies.frontend import CallRecord
-from policies.rl import FEATURE_CLIP, FeatureEncoder, Residual, targets_from_action
+from policies.rl import FEATURE_CLIP, FeatureEncoder, Residual, check_max_offset, targets_from_action
 from sim.cluster import ClusterConfig, PoolConfig, Simulation
 from traces.arrivals import OnOff
 from traces.loaders import load_trace
@@ -99,8 +99,8 @@ class EnvConfig:
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi or (name == "trace_rate_scale" and lo <= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be (low, high) with 0 < low <= high")
-        if self.residual_of is not None and self.max_offset < 1:
-            raise ValueError(f"max_offset={self.max_offset}: a residual policy needs offsets of at least 1")
+        if self.residual_of is not None:
+            check_max_offset(self.max_offset)
         if self.history < 1 or self.min_replicas < 0:
             raise ValueError(f"need history >= 1 and min_replicas >= 0; got {self.history}, {self.min_replicas}")
         if self.w_slo < 0 or self.w_gpu < 0:

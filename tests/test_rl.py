@@ -301,3 +301,11 @@ def test_the_shipped_checkpoint_is_a_full_run_on_the_current_environment() -> No
     ep = sample_episode(replace(EnvConfig(), split="test", episode_s=60.0), np.random.default_rng(1))
     res = simulate(ep.table, ep.cluster, make_router("round_robin"), scaler)
     assert (res.requests["status"] == "ok").all()
+
+
+def test_a_residual_policy_without_offsets_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_offset=0: a residual policy needs offsets of at least 1"):
+        EnvConfig(max_offset=0)
+    with pytest.raises(ValueError, match="max_offset=0"):
+        Residual(make_scaler("pythia"), ["default"], max_offset=0)
+    assert EnvConfig(max_offset=0, residual_of=None).max_offset == 0  # unused without a residual
