@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+# How the executor drives the servers: one setting per run, so every pool's RealConfig must agree on them.
+EXECUTOR_FIELDS = ("control_interval_s", "scrape_interval_s", "request_timeout_s", "retry_failed", "record_token_times")
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class RealConfig:
     tensor_parallel_size: int = 1  # GPUs per server (consecutive ids of `gpus`)
     gpu_memory_utilization: float = 0.9  # GPU servers: the share of each GPU's memory vLLM may use
     max_replicas: int = 0  # scaling ceiling; 0: len(urls) when attaching, number of cores when launching
-    pool: str = "default"  # the one pool these replicas form (every call goes to it)
+    pool: str = "default"  # the pool these replicas form (execute() takes several RealConfigs for several pools)
     # vLLM engine knobs (flags of the launched servers; in attach mode, what the servers were started with)
     block_size: int = 32
     max_num_seqs: int = 256
@@ -110,3 +114,37 @@ class RealConfig:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"RealConfig: cannot read vocab_size from {path} ({e}); set RealConfig.vocab_size "
                              f"to the model's vocabulary size") from None
+
+
+def pools_of(cfg: RealConfig | Sequence[RealConfig], agent_pools: Mapping[str, str]) -> dict[str, RealConfig]:
+    """The run's pools by name; refuses duplicate names, shared devices, executor settings that differ and
+    agents mapped to a pool that is not there."""
+    cfgs = [cfg] if isinstance(cfg, RealConfig) else list(cfg)
+    if not cfgs:
+        raise ValueError("execute: no pools given; pass a RealConfig or a list of them")
+    pools: dict[str, RealConfig] = {}
+    for c in cfgs:
+        if c.pool in pools:
+            raise ValueError(f"execute: two pools are named '{c.pool}'; give each RealConfig its own pool name")
+        pools[c.pool] = c
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        for name in EXECUTOR_FIELDS:
+            if getattr(c, name) != getattr(first, name):
+                raise ValueError(f"execute: pool '{c.pool}' sets {name}={getattr(c, name)!r} but pool '{first.pool}' "
+                                 f"{getattr(first, name)!r}; the executor drives all pools alike, so set it equal")
+    seen: dict[str, str] = {}
+    for c in cfgs:
+        kind = "urls" if not c.launch else "gpus" if c.on_gpus else "cores"
+        devices = c.urls if not c.launch else c.gpus if c.on_gpus else tuple(int(x) for x in c.placements)
+        for d in devices:
+            key = f"{kind} {str(d).rstrip('/')}"
+            if key in seen and seen[key] != c.pool:
+                raise ValueError(f"execute: pools '{seen[key]}' and '{c.pool}' both use {key}; give each pool its own "
+                                 f"{kind} (RealConfig.{kind})")
+            seen[key] = c.pool
+    unknown = sorted({p for p in agent_pools.values() if p not in pools})
+    if unknown:
+        raise ValueError(f"execute: agent_pools names pool(s) {unknown} that are not among the pools "
+                         f"{sorted(pools)} (RealConfig.pool)")
+    return pools

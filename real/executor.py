@@ -6,6 +6,10 @@ when their parents finished, plus think time), each is routed by the same ``Rout
 recorded through ``policies.frontend.FrontEnd``, so the results have the simulator's schema. Replica
 state comes from each server's ``/metrics``, scraped every ``scrape_interval_s``.
 
+Several pools (``execute(table, [cfg_a, cfg_b], ..., agent_pools={"linter": "b"})``): each ``RealConfig`` is
+one pool of replicas (its own model, engine knobs and devices), calls go to their agent's pool as in the
+simulator's ``ClusterConfig.agent_pools`` (others to the first pool), and the scaler's targets name pools.
+
 A replica that dies mid-run (its process exits, or its /health stops answering after a call or a
 scrape failed) is taken out of routing; its in-flight calls are marked failed, or re-routed when
 ``retry_failed`` is set. Every such event is a row of ``RealResult.failures``: nothing is lost silently.
@@ -19,6 +23,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import aiohttp
@@ -28,7 +33,7 @@ import pandas as pd
 from policies.api import ClusterObservation, RequestInfo, Router, Scaler
 from policies.frontend import FrontEnd, ReplicaMetrics, job_table, request_infos
 from real.client import CallError, fetch_text, stream_completion
-from real.config import RealConfig
+from real.config import RealConfig, pools_of
 from real.launcher import Launcher, Server, ServerStartError, probe, stop_server
 from real.metrics import replica_metrics
 from real.tokens import prompt_token_ids
@@ -39,7 +44,7 @@ log = logging.getLogger(__name__)
 TIMESERIES_COLUMNS = ["t", "replica_id", "pool", "state", "num_running", "num_waiting", "kv_usage"]
 CLUSTER_COLUMNS = ["t", "pool", "pending", "starting", "ready", "draining", "gpus_in_use"]
 FAILURE_COLUMNS = ["t", "kind", "replica_id", "request_id", "detail"]
-SERVER_COLUMNS = ["replica_id", "url", "pid", "placement", "start_s", "ready_s", "stop_s", "state"]
+SERVER_COLUMNS = ["replica_id", "pool", "url", "pid", "placement", "start_s", "ready_s", "stop_s", "state"]
 
 
 @dataclass
@@ -57,7 +62,7 @@ class RealResult:
     failures: pd.DataFrame  # FAILURE_COLUMNS; kinds: replica_died, start_failed, call_failed, call_retried
     servers: pd.DataFrame  # SERVER_COLUMNS, one row per replica (pid -1 when attached)
     token_times: pd.DataFrame  # request_id, t: one row per generated token (empty unless record_token_times)
-    config: RealConfig
+    pools: dict[str, RealConfig]  # pool name -> its servers' config
 
     def summary(self) -> str:
         r = self.requests
@@ -77,6 +82,7 @@ class _Slot:
     """One replica: a server we launched, or one we attached to."""
 
     replica_id: int
+    pool: str
     url: str
     state: str  # starting | ready | draining | stopped (idle or shut down) | dead
     server: Server | None = None  # launch mode only
@@ -87,9 +93,13 @@ class _Slot:
     stop_s: float = math.nan
 
 
-def execute(table: pd.DataFrame, cfg: RealConfig, router: Router, scaler: Scaler | None = None, *,
-            time_scale: float = 1.0) -> RealResult:
+def execute(table: pd.DataFrame, cfg: RealConfig | Sequence[RealConfig], router: Router,
+            scaler: Scaler | None = None, *, time_scale: float = 1.0,
+            agent_pools: Mapping[str, str] | None = None) -> RealResult:
     """Replay ``table`` on real vLLM servers (launched from ``cfg``, or ``cfg.urls``) and return the results.
+
+    ``cfg`` is one pool, or a sequence of pools with distinct ``RealConfig.pool`` names and devices;
+    ``agent_pools`` maps an agent to its pool (other agents: the first pool), as ``ClusterConfig.agent_pools``.
 
     ``time_scale`` stretches the trace's clock: a call at ``arrival_s`` is released at ``arrival_s *
     time_scale`` wall seconds after all initial replicas are ready (t=0), and think times scale alike;
@@ -99,27 +109,34 @@ def execute(table: pd.DataFrame, cfg: RealConfig, router: Router, scaler: Scaler
     validate(table, "execute(table)")
     if not time_scale > 0:
         raise ValueError(f"time_scale={time_scale} must be > 0")
-    too_long = table["input_tokens"] + table["output_tokens"].clip(lower=1) > cfg.max_model_len
+    pools = pools_of(cfg, agent_pools or {})
+    first = next(iter(pools.values()))
+    pool_of = [(agent_pools or {}).get(a, first.pool) for a in table["agent"]]
+    max_len = np.array([pools[p].max_model_len for p in pool_of])
+    too_long = (table["input_tokens"] + table["output_tokens"].clip(lower=1)).to_numpy() > max_len
     if too_long.any():
-        i = int(np.flatnonzero(too_long.to_numpy())[0])
+        i = int(np.flatnonzero(too_long)[0])
         raise WorkloadError(f"execute(table), row {i}: input_tokens + output_tokens = "
                             f"{table['input_tokens'].iat[i] + table['output_tokens'].iat[i]} exceeds the servers' "
-                            f"max_model_len={cfg.max_model_len}; raise RealConfig.max_model_len or trim the trace")
-    run = _Run(table, cfg, router, scaler, time_scale)
-    with Launcher(cfg.log_dir or None) if cfg.launch else contextlib.nullcontext() as launcher:
+                            f"max_model_len={max_len[i]} (pool '{pool_of[i]}'); raise RealConfig.max_model_len or "
+                            f"trim the trace")
+    run = _Run(table, pools, pool_of, router, scaler, time_scale)
+    launch = any(c.launch for c in pools.values())
+    with Launcher(first.log_dir or None) if launch else contextlib.nullcontext() as launcher:
         run.launcher = launcher
         asyncio.run(run.main())
     return run.result()
 
 
 class _Run:
-    def __init__(self, table: pd.DataFrame, cfg: RealConfig, router: Router, scaler: Scaler | None,
-                 time_scale: float):
-        self.cfg, self.router, self.scaler, self.time_scale = cfg, router, scaler, time_scale
+    def __init__(self, table: pd.DataFrame, pools: dict[str, RealConfig], pool_of: list[str], router: Router,
+                 scaler: Scaler | None, time_scale: float):
+        self.pools, self.router, self.scaler, self.time_scale = pools, router, scaler, time_scale
+        self.cfg = next(iter(pools.values()))  # the executor settings (EXECUTOR_FIELDS), equal in every pool
         self.launcher: Launcher | None = None
         self.front = FrontEnd()
-        self.vocab_size = cfg.resolved_vocab_size()
-        infos = [replace(i, pool=cfg.pool) for i in request_infos(table)]
+        self.vocab_size = {name: c.resolved_vocab_size() for name, c in pools.items()}
+        infos = [replace(i, pool=p) for i, p in zip(request_infos(table), pool_of, strict=True)]
         self.infos: dict[int, RequestInfo] = {i.request_id: i for i in infos}
         self.output_tokens = dict(zip(self.infos, table["output_tokens"].tolist(), strict=True))
         self.think = dict(zip(self.infos, table["think_s"].tolist(), strict=True))
@@ -131,7 +148,7 @@ class _Run:
         self.roots = [rid for rid, n in self.waiting_on.items() if n == 0]
         self.remaining = len(infos)
         self.slots: dict[int, _Slot] = {}
-        self.pending: deque[int] = deque()
+        self.pending: dict[str, deque[int]] = {name: deque() for name in pools}
         self.tasks: set[asyncio.Task] = set()
         self.error: BaseException | None = None
         self.ts_rows: list[tuple] = []
@@ -184,30 +201,36 @@ class _Run:
 
     # --- replicas ------------------------------------------------------------------------------------
     async def _start_initial(self) -> None:
-        if self.cfg.launch:
-            for _ in range(self.cfg.num_replicas):
-                self._new_server()
-        else:
-            for i, url in enumerate(self.cfg.urls):
-                self.slots[i] = _Slot(i, url.rstrip("/"), "stopped")
-            for slot in list(self.slots.values())[: self.cfg.num_replicas]:
+        for name, cfg in self.pools.items():
+            if cfg.launch:
+                for _ in range(cfg.num_replicas):
+                    self._new_server(name)
+                continue
+            attached = []
+            for url in cfg.urls:
+                rid = len(self.slots)
+                self.slots[rid] = _Slot(rid, name, url.rstrip("/"), "stopped")
+                attached.append(self.slots[rid])
+            for slot in attached[: cfg.num_replicas]:
                 slot.state, slot.start_s = "starting", self.now()
         starting = [s for s in self.slots.values() if s.state == "starting"]
         await asyncio.gather(*(self._bring_up(s, initial=True) for s in starting))
 
-    def _new_server(self) -> _Slot:
-        """Launch one server on the least used core or GPU group (a dead server's is reused)."""
+    def _new_server(self, pool: str) -> _Slot:
+        """Launch one server of ``pool`` on its least used core or GPU group (a dead server's is reused)."""
         assert self.launcher is not None
-        used = [s.server.placement for s in self.slots.values() if s.server and s.state not in ("stopped", "dead")]
-        server = self.launcher.spawn_vllm(self.cfg, min(self.cfg.placements, key=used.count))
+        cfg = self.pools[pool]
+        used = [s.server.placement for s in self.slots.values()
+                if s.pool == pool and s.server and s.state not in ("stopped", "dead")]
+        server = self.launcher.spawn_vllm(cfg, min(cfg.placements, key=used.count))
         rid = len(self.slots)
-        self.slots[rid] = _Slot(rid, server.url, "starting", server, start_s=self.now())
+        self.slots[rid] = _Slot(rid, pool, server.url, "starting", server, start_s=self.now())
         return self.slots[rid]
 
     async def _bring_up(self, slot: _Slot, initial: bool = False) -> None:
         """Wait for /health, take a first scrape, then serve. Failure: error at start, a failure row later."""
         proc = slot.server.proc if slot.server else None
-        deadline = time.monotonic() + (self.cfg.startup_timeout_s if slot.server else 10.0)
+        deadline = time.monotonic() + (self.pools[slot.pool].startup_timeout_s if slot.server else 10.0)
         while (state := await asyncio.to_thread(probe, slot.url, proc)) != "ready":
             if slot.state != "starting":
                 return  # drained before it came up
@@ -221,27 +244,28 @@ class _Run:
                     raise ServerStartError(detail)
                 self._failure("start_failed", slot.replica_id, -1, detail)
                 self._retire(slot, "dead")
-                self._recheck_pending()
+                self._recheck_pending(slot.pool)
                 return
             await asyncio.sleep(0.5)
         if slot.state != "starting":
             return
         slot.metrics = replica_metrics(await fetch_text(self.session, f"{slot.url}/metrics"), f"{slot.url}/metrics")
         slot.state, slot.ready_s = "ready", self.now()
-        while self.pending and self._ready():
-            self._route(self.pending.popleft())
+        pending = self.pending[slot.pool]
+        while pending and self._ready(slot.pool):
+            self._route(pending.popleft())
 
-    def _ready(self) -> list[_Slot]:
-        return [s for s in self.slots.values() if s.state == "ready"]
+    def _ready(self, pool: str) -> list[_Slot]:
+        return [s for s in self.slots.values() if s.pool == pool and s.state == "ready"]
 
-    def _in_use(self) -> int:
-        return sum(s.state in ("starting", "ready", "draining") for s in self.slots.values())
+    def _in_use(self, pool: str) -> int:
+        return sum(s.pool == pool and s.state in ("starting", "ready", "draining") for s in self.slots.values())
 
-    def _free(self) -> int:
-        """Replicas that could still be started: spare cores or GPU groups, or idle attached servers."""
-        if self.cfg.launch:
-            return self.cfg.capacity - self._in_use()
-        return sum(s.state == "stopped" for s in self.slots.values())
+    def _free(self, pool: str) -> int:
+        """Replicas of ``pool`` that could still be started: spare cores or GPU groups, or idle attached servers."""
+        if self.pools[pool].launch:
+            return self.pools[pool].capacity - self._in_use(pool)
+        return sum(s.pool == pool and s.state == "stopped" for s in self.slots.values())
 
     def _retire(self, slot: _Slot, state: str) -> None:
         """Stop serving from ``slot`` (stopped or dead); a launched server is shut down in the background."""
@@ -274,17 +298,17 @@ class _Run:
                 task.cancel()
             self._call_failed(rid, slot.replica_id, f"replica {slot.replica_id} died: {reason}",
                               retry=self.cfg.retry_failed)
-        self._recheck_pending()
+        self._recheck_pending(slot.pool)
 
-    def _can_recover(self) -> bool:
-        """Whether a replica may still come up for calls that are waiting."""
-        starting = any(s.state == "starting" for s in self.slots.values())
-        return starting or (self.scaler is not None and self._free() > 0)
+    def _can_recover(self, pool: str) -> bool:
+        """Whether a replica of ``pool`` may still come up for calls that are waiting."""
+        starting = any(s.pool == pool and s.state == "starting" for s in self.slots.values())
+        return starting or (self.scaler is not None and self._free(pool) > 0)
 
-    def _recheck_pending(self) -> None:
-        if not self._ready() and not self._can_recover():
-            while self.pending:
-                self._give_up(self.pending.popleft())
+    def _recheck_pending(self, pool: str) -> None:
+        if not self._ready(pool) and not self._can_recover(pool):
+            while self.pending[pool]:
+                self._give_up(self.pending[pool].popleft())
 
     # --- calls ---------------------------------------------------------------------------------------
     async def _arrivals(self) -> None:
@@ -304,30 +328,32 @@ class _Run:
         self._dispatch(rid)
 
     def _dispatch(self, rid: int) -> None:
-        if self._ready():
+        pool = self.infos[rid].pool
+        if self._ready(pool):
             self._route(rid)
-        elif self._can_recover():
-            self.pending.append(rid)
+        elif self._can_recover(pool):
+            self.pending[pool].append(rid)
         else:
             self._give_up(rid)
 
     def _route(self, rid: int) -> None:
         info, now = self.infos[rid], self.now()
-        ready = self._ready()
-        views = [self.front.replica_view(s.replica_id, self.cfg.pool, "ready", s.metrics) for s in ready]
+        ready = self._ready(info.pool)
+        views = [self.front.replica_view(s.replica_id, s.pool, "ready", s.metrics) for s in ready]
         t = time.perf_counter()
         choice = self.router.route(info, views, now)
         overhead = time.perf_counter() - t
         slot = self.slots.get(choice)
         if slot is None or slot.state != "ready":
             raise RuntimeError(f"router {type(self.router).__name__} returned replica {choice}, which is not one "
-                               f"of the ready replicas {[s.replica_id for s in ready]}")
+                               f"of the ready replicas {[s.replica_id for s in ready]} of pool '{info.pool}'")
         self.front.routed(rid, choice, now, overhead)
         slot.inflight[rid] = self._spawn(self._serve(rid, slot))
 
     async def _serve(self, rid: int, slot: _Slot) -> None:
         info = self.infos[rid]
-        prompt = prompt_token_ids(info.block_hashes, info.hash_block_size, info.input_tokens, rid, self.vocab_size)
+        prompt = prompt_token_ids(info.block_hashes, info.hash_block_size, info.input_tokens, rid,
+                                  self.vocab_size[info.pool])
         try:
             out = await stream_completion(self.session, slot.url, prompt, max(self.output_tokens[rid], 1), self.now)
         except CallError as e:
@@ -383,12 +409,13 @@ class _Run:
             for s in live:
                 if s.state in ("ready", "draining") and s.metrics is not None:
                     m = s.metrics
-                    self.ts_rows.append((now, s.replica_id, self.cfg.pool, s.state, m.num_running, m.num_waiting,
+                    self.ts_rows.append((now, s.replica_id, s.pool, s.state, m.num_running, m.num_waiting,
                                          m.kv_usage))
-            states = [s.state for s in self.slots.values()]
-            self.cl_rows.append((now, self.cfg.pool, len(self.pending), states.count("starting"),
-                                 states.count("ready"), states.count("draining"),
-                                 self._in_use() * self.cfg.gpus_per_replica))
+            for name, cfg in self.pools.items():
+                states = [s.state for s in self.slots.values() if s.pool == name]
+                self.cl_rows.append((now, name, len(self.pending[name]), states.count("starting"),
+                                     states.count("ready"), states.count("draining"),
+                                     self._in_use(name) * cfg.gpus_per_replica))
             await asyncio.sleep(self.cfg.scrape_interval_s)
 
     async def _scrape(self, slot: _Slot) -> None:
@@ -400,12 +427,17 @@ class _Run:
                 await self._suspect(slot, str(e))
 
     def _observe(self) -> ClusterObservation:
-        empty = ReplicaMetrics(0, 0, 0.0, 0, 0, 0, self.cfg.num_gpu_blocks * self.cfg.block_size)
-        views = [self.front.replica_view(s.replica_id, self.cfg.pool, s.state, s.metrics or empty)  # type: ignore[arg-type]
-                 for s in self.slots.values() if s.state in ("starting", "ready", "draining")]
-        per = self.cfg.gpus_per_replica
-        return self.front.observe(self.now(), self.cfg.control_interval_s, views, {self.cfg.pool: len(self.pending)},
-                                  {self.cfg.pool: per}, self.cfg.capacity * per, self._free() * per)
+        views = []
+        for s in self.slots.values():
+            if s.state in ("starting", "ready", "draining"):
+                cfg = self.pools[s.pool]
+                empty = ReplicaMetrics(0, 0, 0.0, 0, 0, 0, cfg.num_gpu_blocks * cfg.block_size)
+                views.append(self.front.replica_view(s.replica_id, s.pool, s.state, s.metrics or empty))  # type: ignore[arg-type]
+        per = {name: cfg.gpus_per_replica for name, cfg in self.pools.items()}
+        return self.front.observe(self.now(), self.cfg.control_interval_s, views,
+                                  {name: len(q) for name, q in self.pending.items()}, per,
+                                  sum(cfg.capacity * per[name] for name, cfg in self.pools.items()),
+                                  sum(self._free(name) * per[name] for name in self.pools))
 
     async def _controller(self) -> None:
         assert self.scaler is not None
@@ -413,19 +445,20 @@ class _Run:
             await asyncio.sleep(self.cfg.control_interval_s)
             action = self.scaler.decide(self._observe())
             for pool, want in sorted(action.target_replicas.items()):
-                if pool != self.cfg.pool:
+                if pool not in self.pools:
                     raise ValueError(f"scaler {type(self.scaler).__name__} targets pool '{pool}'; the real "
-                                     f"executor serves one pool, '{self.cfg.pool}' (RealConfig.pool)")
-                self._scale_to(want)
+                                     f"executor serves the pools {sorted(self.pools)} (RealConfig.pool)")
+                self._scale_to(pool, want)
 
-    def _scale_to(self, want: int) -> None:
-        active = [s for s in self.slots.values() if s.state in ("starting", "ready")]
+    def _scale_to(self, pool: str, want: int) -> None:
+        active = [s for s in self.slots.values() if s.pool == pool and s.state in ("starting", "ready")]
         if want > len(active):
-            free = self._free()
+            free = self._free(pool)
             if want - len(active) > free:
-                log.info("t=%.1f: scaler asked for %d replicas, only %d more fit; clamped", self.now(), want, free)
+                log.info("t=%.1f pool %s: scaler asked for %d replicas, only %d more fit; clamped", self.now(), pool,
+                         want, free)
             for _ in range(min(want - len(active), free)):
-                self._spawn(self._bring_up(self._start_replica()))
+                self._spawn(self._bring_up(self._start_replica(pool)))
         elif want < len(active):
             # Drain the least useful first: replicas still starting, then the least loaded ready ones.
             order = sorted(active, key=lambda s: (s.state != "starting", len(s.inflight), -s.replica_id))
@@ -433,18 +466,19 @@ class _Run:
                 s.state = "draining"
                 self._stop_if_idle(s)
 
-    def _start_replica(self) -> _Slot:
-        if self.cfg.launch:
-            return self._new_server()
-        slot = next(s for s in self.slots.values() if s.state == "stopped")  # an idle attached server
+    def _start_replica(self, pool: str) -> _Slot:
+        if self.pools[pool].launch:
+            return self._new_server(pool)
+        slot = next(s for s in self.slots.values() if s.pool == pool and s.state == "stopped")  # an idle attached one
         slot.state, slot.start_s = "starting", self.now()
         return slot
 
     # --- results -------------------------------------------------------------------------------------
     def result(self) -> RealResult:
         requests = self.front.results()
-        servers = [(s.replica_id, s.url, s.server.pid if s.server else -1, s.server.placement if s.server else "",
-                    s.start_s, s.ready_s, s.stop_s, s.state) for s in self.slots.values()]
+        servers = [(s.replica_id, s.pool, s.url, s.server.pid if s.server else -1,
+                    s.server.placement if s.server else "", s.start_s, s.ready_s, s.stop_s, s.state)
+                   for s in self.slots.values()]
         return RealResult(
             requests=requests, jobs=job_table(requests),
             timeseries=pd.DataFrame(self.ts_rows, columns=TIMESERIES_COLUMNS),
@@ -452,5 +486,5 @@ class _Run:
             failures=pd.DataFrame(self.failure_rows, columns=FAILURE_COLUMNS),
             servers=pd.DataFrame(servers, columns=SERVER_COLUMNS),
             token_times=pd.DataFrame(self.token_rows, columns=["request_id", "t"]),
-            config=self.cfg,
+            pools=self.pools,
         )

@@ -24,7 +24,7 @@ import pytest
 import real
 from policies.api import ScaleAction, make_router, make_scaler
 from policies.frontend import RESULT_COLUMNS
-from real.config import RealConfig
+from real.config import RealConfig, pools_of
 from real.launcher import (
     Launcher,
     ServerStartError,
@@ -158,6 +158,21 @@ def test_cpu_servers_are_pinned_to_their_core_without_gpu_flags():
 def test_impossible_placements_are_refused_naming_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         RealConfig(model="m", **kw)
+
+
+def test_several_pools_are_refused_when_they_clash_naming_the_field():
+    a, b = RealConfig(model="m", pool="a", cores=(0,)), RealConfig(model="m", pool="b", cores=(1,))
+    assert list(pools_of([a, b], {"linter": "b"})) == ["a", "b"]
+    with pytest.raises(ValueError, match="two pools are named 'a'"):
+        pools_of([a, replace(b, pool="a")], {})
+    with pytest.raises(ValueError, match="pools 'a' and 'b' both use cores 0; give each pool its own cores"):
+        pools_of([a, replace(b, cores=(1, 0))], {})
+    with pytest.raises(ValueError, match="both use urls http://h:1"):
+        pools_of([replace(a, cores=(), urls=("http://h:1",)), replace(b, cores=(), urls=("http://h:1/",))], {})
+    with pytest.raises(ValueError, match="pool 'b' sets scrape_interval_s=2.0 but pool 'a' 0.5"):
+        pools_of([a, replace(b, scrape_interval_s=2.0)], {})
+    with pytest.raises(ValueError, match=r"agent_pools names pool\(s\) \['c'\] that are not among the pools"):
+        pools_of([a, b], {"linter": "c"})
 
 
 # --- launcher clean-up (a fake server: a process group with a grandchild, no vLLM needed) ---------------------
@@ -366,6 +381,43 @@ def test_scaler_starts_and_drains_attached_replicas(servers, tiny_cfg):
     assert len(late) and set(late["replica_id"]) == {kept[0]}, "a draining replica got new calls"
     assert scaler.seen[1].free_gpus == 1 and scaler.seen[2].free_gpus == 0
     assert scaler.seen[0].pools["default"].arrivals >= 2
+
+
+class TargetScaler:
+    """Asks for fixed replica counts per pool at every decision; keeps what it observed."""
+
+    def __init__(self, targets: dict[str, int]):
+        self.targets, self.seen = targets, []
+
+    def decide(self, obs):
+        self.seen.append(obs)
+        return ScaleAction(dict(self.targets))
+
+
+@pytest.mark.real
+@requires_vllm
+def test_agents_go_to_their_pools_and_the_scaler_starts_a_pool_from_zero(servers, tiny_cfg):
+    """Two pools, one attached server each: tester and linter calls belong to pool 'checks', which has no
+    replica at t=0; they wait until the scaler brings one up, then run there and nowhere else."""
+    urls = [s.url for s in servers[1]]
+    main = replace(tiny_cfg, pool="main", urls=(urls[0],), num_replicas=1, control_interval_s=1.0)
+    checks = replace(main, pool="checks", urls=(urls[1],), num_replicas=0)
+    agent_pools = {"tester": "checks", "linter": "checks"}
+    scaler = TargetScaler({"main": 1, "checks": 1})
+    table = workflow_table(base=7000, jobs=4, spacing_s=0.3)
+    res = real.execute(table, [main, checks], make_router("cache_aware"), scaler, agent_pools=agent_pools)
+    req, srv = res.requests, res.servers.set_index("replica_id")
+    assert (req["status"] == "ok").all() and res.failures.empty, res.failures
+    assert dict(srv["pool"]) == {0: "main", 1: "checks"} and set(res.pools) == {"main", "checks"}
+    in_checks = req["agent"].isin(agent_pools).to_numpy()
+    assert (req.loc[in_checks, "replica_id"] == 1).all() and (req.loc[~in_checks, "replica_id"] == 0).all()
+    assert (req.loc[in_checks, "routed_s"] >= srv.at[1, "ready_s"]).all() and srv.at[1, "ready_s"] > 0.9
+    first = scaler.seen[0]
+    assert set(first.pools) == {"main", "checks"} and first.pools["checks"].pending > 0
+    assert not first.pools["checks"].replicas and first.free_gpus == 1 and first.total_gpus == 2
+    assert set(res.cluster["pool"]) == {"main", "checks"}
+    predicted = simulated_cached_tokens(table, req, tiny_cfg.num_gpu_blocks)
+    assert dict(zip(req["request_id"], req["cached_tokens"], strict=True)) == predicted
 
 
 @pytest.mark.real
