@@ -7,6 +7,11 @@ max_num_batched_tokens). Both replay one coding-assistant workload (prompts trun
 model's context, outputs and tool times shortened so a run takes seconds) through a fresh router of the
 same kind, each routing on what its own backend reports. Needs vLLM (the ``real`` extra).
 
+Where a call's time goes, in means per call: on the engine's own clock (queue, prefill, decode, read from each
+real server's latency histograms, ``RealResult.engine``; the simulator's step clock), and what the API process,
+HTTP and the client add on top (the client's E2E minus the engine's time; zero in the simulator). So the cost
+model is checked on what it models, apart from the serving stack around it.
+
 The real side runs twice, each time on freshly launched servers (cold caches, same workload, same router), so
 the figure also shows how far real vLLM is from *itself* call by call: the noise floor that a per-call
 comparison with the simulator cannot get under on a machine whose cores the servers share.
@@ -96,9 +101,32 @@ def median_factor(sim: pd.Series, real: pd.Series) -> float:
     return float(np.exp(np.median(np.abs(np.log(sim.to_numpy() / real.to_numpy())))))
 
 
-def summary(calls: pd.DataFrame) -> pd.DataFrame:
+PHASES = ("queue", "prefill", "decode", "overhead")  # a call's E2E (from release), in order
+
+
+def phase_means(requests: pd.DataFrame, engine: pd.DataFrame | None) -> dict[str, float]:
+    """Mean seconds per call of PHASES, and ``itl``, the engine's decode time per output token after the first.
+    ``engine`` (a real run's ``RealResult.engine``) gives queue, prefill, decode and itl as the servers measured
+    them; without it (the simulator) they come from the call records, and ``overhead`` is 0 by construction."""
+    e2e = float((requests["finish_s"] - requests["release_s"]).mean())
+    if engine is None:
+        decode = requests["finish_s"] - requests["first_token_s"]
+        out = {"queue": float((requests["scheduled_s"] - requests["release_s"]).mean()),
+               "prefill": float((requests["first_token_s"] - requests["scheduled_s"]).mean()),
+               "decode": float(decode.mean()),
+               "itl": float(decode.sum() / (requests["output_tokens"].clip(lower=1) - 1).sum())}
+    else:
+        totals = engine.groupby("phase")[["sum_s", "count"]].sum()
+        out = {phase: float(totals.at[phase, "sum_s"] / totals.at[phase, "count"])
+               for phase in ("queue", "prefill", "decode", "itl")}
+    out["overhead"] = e2e - out["queue"] - out["prefill"] - out["decode"]
+    return out
+
+
+def summary(calls: pd.DataFrame, phases: dict[str, dict[str, float]]) -> pd.DataFrame:
     """Per-call agreement of every pair of PAIRS (``e2e_median_factor``: sim vs real; ``e2e_sim_repeat_factor``:
-    sim vs the repeat; ``e2e_repeat_real_factor``: real vs itself), medians, p90s and hit rates per backend."""
+    sim vs the repeat; ``e2e_repeat_real_factor``: real vs itself), medians, p90s and hit rates per backend, and
+    the mean time per call in each phase (``phase_means``; ``prefill_mean_ms_real``, ...)."""
     row: dict = {"router": ROUTER, "calls": len(calls),
                  **{f"calls_ok_{t}": int((calls[f"status_{t}"] == "ok").sum()) for t in BACKENDS}}
     for metric in ("e2e", "ttft"):
@@ -113,6 +141,9 @@ def summary(calls: pd.DataFrame) -> pd.DataFrame:
         row[f"hit_rate_{t}"] = calls[f"cached_{t}"].sum() / calls["input_tokens"].sum()
     row["hit_rate_diff"] = row["hit_rate_sim"] - row["hit_rate_real"]
     row["same_replica_frac"] = float((calls["replica_real"] == calls["replica_sim"]).mean())
+    for phase in (*PHASES, "itl"):
+        for t in BACKENDS:
+            row[f"{phase}_mean_ms_{t}"] = 1e3 * phases[t][phase]
     return pd.DataFrame([row])
 
 
@@ -127,7 +158,8 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
     queues = {tag: pd.DataFrame({"waiting": queue_series(r.timeseries, r.cluster),
                                  "running": r.timeseries.groupby("t")["num_running"].sum()}).fillna(0)
               for tag, r in results.items() if tag != "repeat"}
-    df = summary(calls)
+    phases = {tag: phase_means(r.requests, None if tag == "sim" else r.engine) for tag, r in results.items()}
+    df = summary(calls, phases)
     write(calls, out, f"{NAME}_calls")
     write(df, out, NAME)
     plot(calls, queues, df.iloc[0], out / f"{NAME}.png")
@@ -135,7 +167,7 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
 
 
 def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, path: Path) -> None:
-    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
     for ax, metric in zip(axes[0][:2], ("ttft", "e2e"), strict=True):
         real = calls[f"{metric}_real"]
         name = metric.upper()
@@ -156,6 +188,7 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
             ax.plot(v, np.arange(1, len(v) + 1) / len(v), ls=ls, color=f"C{k}", label=f"{metric.upper()} {tag}")
     ax.set(xscale="log", xlabel="latency (s)", ylabel="CDF", title="latency CDFs")
     ax.legend(fontsize=8)
+    plot_phases(axes[0][3], axes[1][3], s)
     ax = axes[1][0]
     agents = sorted(calls["agent"].unique())
     x = np.arange(len(agents) + 1)
@@ -167,14 +200,14 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
     ax.set(ylabel="prefix-cache hit rate (tokens)", title=f"hit rate: real {s['hit_rate_real']:.3f}, "
            f"repeat {s['hit_rate_repeat']:.3f}, sim {s['hit_rate_sim']:.3f}")
     ax.legend(fontsize=8)
-    for ax, tag in zip(axes[1][1:], ("real", "sim"), strict=True):
+    for ax, tag in zip(axes[1][1:3], ("real", "sim"), strict=True):
         q = queues[tag]
         for col, ls in (("running", "-"), ("waiting", "--")):
             ax.step(q.index, q[col].to_numpy(), where="post", ls=ls, label=col)
         ax.set(xlabel="time (s)", ylabel="calls (both replicas)", title=f"running and waiting calls, {tag}")
         ax.legend(fontsize=8)
     ymax = max(1.0, *(q.to_numpy().max() for q in queues.values() if len(q)))
-    for ax in axes[1][1:]:
+    for ax in axes[1][1:3]:
         ax.set_ylim(0, ymax * 1.05)
     fig.suptitle(f"Fig. 13: simulator vs real vLLM (2 x {MODEL} on CPU cores, {ROUTER} router, {int(s['calls'])} "
                  f"calls; the real run repeated on fresh servers)\nper-call E2E: simulated vs real a median factor "
@@ -183,3 +216,30 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_phases(breakdown: plt.Axes, engine: plt.Axes, s: pd.Series) -> None:
+    """Mean E2E per call split into PHASES per backend; the engine's prefill per call and decode per token."""
+    names = {"queue": "queue (engine)", "prefill": "prefill (engine)", "decode": "decode (engine)",
+             "overhead": "API, HTTP, client"}
+    colors = {"queue": "C2", "prefill": "C0", "decode": "C1", "overhead": "0.6"}
+    y = np.arange(len(BACKENDS))
+    left = np.zeros(len(BACKENDS))
+    for phase in PHASES:
+        ms = np.array([s[f"{phase}_mean_ms_{t}"] for t in BACKENDS])
+        breakdown.barh(y, ms, left=left, color=colors[phase], label=names[phase])
+        left += ms
+    breakdown.set_yticks(y, BACKENDS)
+    breakdown.invert_yaxis()
+    breakdown.set(xlabel="mean per call (ms)", title="where a call's E2E goes", xlim=(0, 1.7 * left.max()))
+    breakdown.legend(fontsize=8, loc="center right")
+    x = np.arange(2)
+    for k, t in enumerate(BACKENDS):
+        ms = [s[f"prefill_mean_ms_{t}"], s[f"itl_mean_ms_{t}"]]
+        engine.bar(x + (k - 1) * 0.27, ms, width=0.27, label=t, color=("C0", "0.55", "C1")[k])
+    err = {p: " / ".join(f"{100 * (s[f'{p}_mean_ms_sim'] / s[f'{p}_mean_ms_{t}'] - 1):+.0f} %"
+                         for t in ("real", "repeat")) for p in ("prefill", "itl")}
+    engine.set_xticks(x, [f"prefill per call\nsim: {err['prefill']}", f"decode per token\nsim: {err['itl']}"])
+    engine.set(ylabel="engine time, mean (ms)", title="the engine: simulated vs vLLM's own clock\n"
+               "(sim's error vs the real run / its repeat)")
+    engine.legend(fontsize=8)

@@ -35,7 +35,7 @@ from policies.frontend import FrontEnd, ReplicaMetrics, job_table, request_infos
 from real.client import CallError, fetch_text, stream_completion
 from real.config import RealConfig, pools_of
 from real.launcher import Launcher, Server, ServerStartError, probe, stop_server
-from real.metrics import replica_metrics
+from real.metrics import latency_sums, replica_metrics
 from real.tokens import prompt_token_ids
 from traces.schema import WorkloadError, validate
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 TIMESERIES_COLUMNS = ["t", "replica_id", "pool", "state", "num_running", "num_waiting", "kv_usage"]
 CLUSTER_COLUMNS = ["t", "pool", "pending", "starting", "ready", "draining", "gpus_in_use"]
 FAILURE_COLUMNS = ["t", "kind", "replica_id", "request_id", "detail"]
+ENGINE_COLUMNS = ["replica_id", "phase", "sum_s", "count"]
 SERVER_COLUMNS = ["replica_id", "pool", "url", "pid", "placement", "start_s", "ready_s", "stop_s", "state"]
 
 
@@ -62,6 +63,9 @@ class RealResult:
     failures: pd.DataFrame  # FAILURE_COLUMNS; kinds: replica_died, start_failed, call_failed, call_retried
     servers: pd.DataFrame  # SERVER_COLUMNS, one row per replica (pid -1 when attached)
     token_times: pd.DataFrame  # request_id, t: one row per generated token (empty unless record_token_times)
+    # ENGINE_COLUMNS: per replica and phase of real.metrics.LATENCY_HISTOGRAMS, the seconds and calls the server
+    # itself measured during this run (its last scrape minus its first; a final scrape ends the run)
+    engine: pd.DataFrame
     pools: dict[str, RealConfig]  # pool name -> its servers' config
 
     def summary(self) -> str:
@@ -87,6 +91,8 @@ class _Slot:
     state: str  # starting | ready | draining | stopped (idle or shut down) | dead
     server: Server | None = None  # launch mode only
     metrics: ReplicaMetrics | None = None  # latest scrape
+    latency_first: dict[str, tuple[float, int]] | None = None  # the server's latency sums at its first scrape
+    latency: dict[str, tuple[float, int]] = field(default_factory=dict)  # ... and at its latest
     inflight: dict[int, asyncio.Task] = field(default_factory=dict)  # request_id -> its call task
     start_s: float = math.nan
     ready_s: float = math.nan
@@ -192,6 +198,9 @@ class _Run:
                 if self.remaining == 0:
                     self.done.set()
                 await self.done.wait()
+                if self.error is None:  # the servers' own latency sums, now that every call has finished
+                    await asyncio.gather(*(self._scrape(s) for s in self.slots.values()
+                                           if s.state in ("ready", "draining")))
             finally:
                 for task in list(self.tasks):
                     task.cancel()
@@ -249,7 +258,7 @@ class _Run:
             await asyncio.sleep(0.5)
         if slot.state != "starting":
             return
-        slot.metrics = replica_metrics(await fetch_text(self.session, f"{slot.url}/metrics"), f"{slot.url}/metrics")
+        self._read_metrics(slot, await fetch_text(self.session, f"{slot.url}/metrics"))
         slot.state, slot.ready_s = "ready", self.now()
         pending = self.pending[slot.pool]
         while pending and self._ready(slot.pool):
@@ -419,12 +428,18 @@ class _Run:
             await asyncio.sleep(self.cfg.scrape_interval_s)
 
     async def _scrape(self, slot: _Slot) -> None:
-        url = f"{slot.url}/metrics"
         try:
-            slot.metrics = replica_metrics(await fetch_text(self.session, url), url)
+            self._read_metrics(slot, await fetch_text(self.session, f"{slot.url}/metrics"))
         except CallError as e:
             if e.transport:
                 await self._suspect(slot, str(e))
+
+    @staticmethod
+    def _read_metrics(slot: _Slot, text: str) -> None:
+        slot.metrics = replica_metrics(text, f"{slot.url}/metrics")
+        slot.latency = latency_sums(text)
+        if slot.latency_first is None:
+            slot.latency_first = slot.latency
 
     def _observe(self) -> ClusterObservation:
         views = []
@@ -479,6 +494,10 @@ class _Run:
         servers = [(s.replica_id, s.pool, s.url, s.server.pid if s.server else -1,
                     s.server.placement if s.server else "", s.start_s, s.ready_s, s.stop_s, s.state)
                    for s in self.slots.values()]
+        engine = [(s.replica_id, phase, total - s.latency_first.get(phase, (0.0, 0))[0],
+                   n - s.latency_first.get(phase, (0.0, 0))[1])
+                  for s in self.slots.values() if s.latency_first is not None
+                  for phase, (total, n) in s.latency.items()]
         return RealResult(
             requests=requests, jobs=job_table(requests),
             timeseries=pd.DataFrame(self.ts_rows, columns=TIMESERIES_COLUMNS),
@@ -486,5 +505,6 @@ class _Run:
             failures=pd.DataFrame(self.failure_rows, columns=FAILURE_COLUMNS),
             servers=pd.DataFrame(servers, columns=SERVER_COLUMNS),
             token_times=pd.DataFrame(self.token_rows, columns=["request_id", "t"]),
+            engine=pd.DataFrame(engine, columns=ENGINE_COLUMNS),
             pools=self.pools,
         )

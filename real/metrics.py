@@ -1,8 +1,10 @@
-"""vLLM's Prometheus ``/metrics`` text -> the ``ReplicaMetrics`` a policy sees.
+"""vLLM's Prometheus ``/metrics`` text -> the ``ReplicaMetrics`` a policy sees, and the server's latency sums.
 
 The simulator exports the same seven numbers from its engine state; here they come from a real
-server's scrape, so a router or scaler gets identical inputs from both backends. Pure parsing, no
-HTTP: the executor fetches the text.
+server's scrape, so a router or scaler gets identical inputs from both backends. The latency histograms'
+sums and counts split a call's time the way the simulator does (queue, prefill, decode on the engine's
+clock) from what the API process adds, which a client cannot see. Pure parsing, no HTTP: the executor
+fetches the text.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ SUMMED = {
 }
 KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_CONFIG = "vllm:cache_config_info"
+
+# phase -> vLLM histogram. Engine-core clock: queue (queued -> first scheduled), prefill (scheduled -> first token),
+# decode (first -> last token), itl (per output token after the first). API process clock, from the call's arrival
+# there: ttft (first token handed to the API process), e2e (finished there).
+LATENCY_HISTOGRAMS = {
+    "queue": "vllm:request_queue_time_seconds",
+    "prefill": "vllm:request_prefill_time_seconds",
+    "decode": "vllm:request_decode_time_seconds",
+    "itl": "vllm:inter_token_latency_seconds",
+    "ttft": "vllm:time_to_first_token_seconds",
+    "e2e": "vllm:e2e_request_latency_seconds",
+}
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -68,3 +82,15 @@ def replica_metrics(text: str, source: str = "/metrics") -> ReplicaMetrics:
             raise MetricsError(f"{source}: '{CACHE_CONFIG}' lacks integer num_gpu_blocks/block_size labels "
                                f"(got {labels})") from None
     return ReplicaMetrics(kv_usage=sum(usage) / len(usage), kv_capacity_tokens=capacity, **counts)
+
+
+def latency_sums(text: str) -> dict[str, tuple[float, int]]:
+    """phase -> (sum of seconds, number of observations) of LATENCY_HISTOGRAMS, summed over the server's engines.
+    Cumulative since the server started; phases the server does not export are left out."""
+    samples = parse_prometheus(text)
+    out = {}
+    for phase, name in LATENCY_HISTOGRAMS.items():
+        if f"{name}_sum" in samples and f"{name}_count" in samples:
+            out[phase] = (sum(v for _, v in samples[f"{name}_sum"]),
+                          int(round(sum(v for _, v in samples[f"{name}_count"]))))
+    return out

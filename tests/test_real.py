@@ -34,7 +34,7 @@ from real.launcher import (
     server_argv,
     server_env,
 )
-from real.metrics import MetricsError, replica_metrics
+from real.metrics import MetricsError, latency_sums, replica_metrics
 from real.tokens import FIRST_TOKEN_ID, prompt_token_ids
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.schema import make_table
@@ -101,6 +101,10 @@ METRICS = textwrap.dedent('''\
     vllm:num_preemptions_total{engine="0",model_name="tiny"} 2.0
     vllm:time_to_first_token_seconds_bucket{engine="0",le="0.01",model_name="tiny"} 1.0
     vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="tiny"} 12.0
+    vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny"} 12.0
+    vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny"} 0.6
+    vllm:request_decode_time_seconds_count{engine="0",model_name="tiny"} 12.0
+    vllm:request_decode_time_seconds_sum{engine="0",model_name="tiny"} 4.5
     ''') + ('vllm:cache_config_info{_block_size_resolved="True",block_size="32",cache_dtype="auto",engine="0",'
            'kv_cache_size_tokens="8192",num_gpu_blocks="256",num_gpu_blocks_override="256",'
            'prefix_caching_hash_algo="sha256",note="a \\"quoted\\" label, with a comma"} 1.0\n')
@@ -119,6 +123,13 @@ def test_metrics_of_several_engines_are_summed_and_usage_averaged():
     m = replica_metrics(METRICS + second)
     assert (m.num_running, m.prefix_cache_hits, m.kv_capacity_tokens) == (6, 3520, 2 * 256 * 32)
     assert m.kv_usage == pytest.approx(0.5)
+
+
+def test_latency_histograms_become_sums_and_counts_of_the_phases_exported():
+    second = "\n".join(line.replace('engine="0"', 'engine="1"') for line in METRICS.splitlines()
+                       if line.startswith("vllm:"))
+    assert latency_sums(METRICS) == {"decode": (4.5, 12), "ttft": (pytest.approx(0.6), 12)}
+    assert latency_sums(METRICS + second)["decode"] == (9.0, 24)
 
 
 def test_metrics_without_a_needed_metric_name_it():
@@ -346,6 +357,9 @@ def test_prefix_aware_routing_hits_where_predicted_and_beats_round_robin(servers
         assert (res.token_times.groupby("request_id").size() == 8).all()
         assert len(res.jobs) == 8 and (res.jobs["failed"] == 0).all()
         assert set(res.timeseries["replica_id"]) == {0, 1} and res.failures.empty
+        engine = res.engine.pivot(index="replica_id", columns="phase", values="count").sort_index()
+        calls = req["replica_id"].value_counts().sort_index().to_numpy()
+        assert (engine[["queue", "prefill", "decode", "e2e"]].to_numpy() == calls[:, None]).all()  # this run's
         hits[name] = int(req["cached_tokens"].sum())
         print(f"{name}: {hits[name]} cached tokens; {res.summary()}")
     assert hits["cache_aware"] > hits["round_robin"] > 0

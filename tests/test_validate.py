@@ -19,6 +19,12 @@ from experiments import validate
 # calls, gives 1.3-1.8). E2E_FACTOR_BOUND fails a unit or cost-model slip however noisy the run (10x is 10).
 E2E_FACTOR_BOUND = 3.0
 NOISE_FLOOR_MARGIN = 1.3
+# On the engine's own clock (the servers' latency histograms) the cost model is checked directly: mean prefill
+# time per call and decode time per output token, simulated over the geometric mean of the two real runs'. The
+# real engine itself moved from run to run on this VM: 25-64 ms prefill and 5.0-12.7 ms per token over four
+# runs within an hour (host noise; nothing else ran), so the ratio was 0.65-1.23 with a fixed cost model. A cost
+# model 3x off always fails; 2x off fails unless the host is at the slow or fast end of that spread.
+ENGINE_FACTOR_BOUND = 2.0
 HIT_RATE_TOLERANCE = 0.02  # same placement rules, same block hashing: the rates agree unless the caches diverge
 
 
@@ -37,6 +43,10 @@ def test_quick_validation_matches_real_vllm(tmp_path):
     assert s["e2e_median_factor"] < E2E_FACTOR_BOUND
     sim_factor = (s["e2e_median_factor"] * s["e2e_sim_repeat_factor"]) ** 0.5
     assert sim_factor <= NOISE_FLOOR_MARGIN * s["e2e_repeat_real_factor"]
+    for phase in ("prefill", "itl"):
+        real = (s[f"{phase}_mean_ms_real"] * s[f"{phase}_mean_ms_repeat"]) ** 0.5
+        assert 1 / ENGINE_FACTOR_BOUND < s[f"{phase}_mean_ms_sim"] / real < ENGINE_FACTOR_BOUND, phase
+    assert s["overhead_mean_ms_sim"] == pytest.approx(0.0, abs=1e-6) and s["overhead_mean_ms_real"] > 0
 
 
 def test_median_factor_is_symmetric_in_over_and_underestimates() -> None:
@@ -44,3 +54,19 @@ def test_median_factor_is_symmetric_in_over_and_underestimates() -> None:
     assert validate.median_factor(real * 2, real) == pytest.approx(2.0) == validate.median_factor(real / 2, real)
     assert validate.median_factor(pd.Series([1.0, 4.0, 1.0]), pd.Series([1.0, 1.0, 3.0])) == pytest.approx(3.0)
     assert validate.median_abs_pct_error(real / 2, real) == pytest.approx(50.0)  # the percentage is not
+
+
+def test_phase_means_split_e2e_into_engine_phases_and_what_the_stack_adds() -> None:
+    calls = pd.DataFrame({"release_s": [0.0, 1.0], "scheduled_s": [0.01, 1.03], "first_token_s": [0.05, 1.09],
+                          "finish_s": [0.25, 1.49], "output_tokens": [5, 9]})
+    sim = validate.phase_means(calls, None)  # the simulator: phases from its own records, nothing on top
+    assert sim["queue"] == pytest.approx(0.02) and sim["prefill"] == pytest.approx(0.05)
+    assert sim["decode"] == pytest.approx(0.3) and sim["itl"] == pytest.approx(0.6 / 12)
+    assert sim["overhead"] == pytest.approx(0.0)
+    engine = pd.DataFrame({"replica_id": [0, 1, 0, 1, 0, 1, 0], "phase": ["queue", "queue", "prefill", "prefill",
+                                                                         "decode", "decode", "itl"],
+                           "sum_s": [0.0, 0.002, 0.03, 0.05, 0.1, 0.3, 0.4], "count": [1, 1, 1, 1, 1, 1, 12]})
+    real = validate.phase_means(calls, engine)  # a real run: the servers' sums; the rest of E2E is overhead
+    assert real["queue"] == pytest.approx(0.001) and real["prefill"] == pytest.approx(0.04)
+    assert real["decode"] == pytest.approx(0.2) and real["itl"] == pytest.approx(0.4 / 12)
+    assert real["overhead"] == pytest.approx(0.37 - 0.241)
