@@ -265,6 +265,71 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 VLLM_BLOCK = 32
 
 
+# --- the GPU launch path end to end, on a stand-in for vLLM's API server (no GPU, no vLLM needed) -------------
+
+FAKE_VLLM = textwrap.dedent('''
+    """Answers /health, /metrics and streaming /v1/completions like a vLLM server; records how it was started."""
+    import http.server, json, os, sys
+    args = sys.argv[1:]
+    port = int(args[args.index("--port") + 1])
+    with open(os.path.join(os.environ["FAKE_VLLM_RECORDS"], f"{port}.json"), "w") as f:
+        json.dump({"argv": args, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                   "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}, f)
+    METRICS = "".join(f'vllm:{n}{{engine="0"}} 0.0\\n' for n in ("num_requests_running", "num_requests_waiting",
+        "kv_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total"))
+    METRICS += 'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="1000"} 1.0\\n'
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = METRICS.encode() if self.path == "/metrics" else b""
+            self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+            self.end_headers()
+            self.wfile.write(body)
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            events = [{"choices": [{"token_ids": [7]}]} for _ in range(req["max_tokens"])]
+            events.append({"choices": [], "usage": {"prompt_tokens": len(req["prompt"]),
+                           "completion_tokens": req["max_tokens"], "prompt_tokens_details": {"cached_tokens": 0}}})
+            for e in events:
+                self.wfile.write(f"data: {json.dumps(e)}\\n\\n".encode())
+            self.wfile.write(b"data: [DONE]\\n\\n")
+        def log_message(self, *a):
+            pass
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), Server).serve_forever()
+    ''')
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs aiohttp (the 'real' extra)")
+def test_gpu_replicas_launch_on_their_own_tensor_parallel_groups_and_scale(tmp_path, monkeypatch):
+    """``execute`` on 4 "GPUs" in groups of 2: the initial server gets devices 0,1, the scaler's second one 2,3,
+    each with its tp flags and no CPU pinning; the observation counts GPUs. vLLM itself is the stand-in above."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_VLLM)  # RealConfig.python runs it as `python -m <entry> ...`
+    fake.chmod(0o755)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (records := tmp_path / "records").mkdir()
+    monkeypatch.setenv("FAKE_VLLM_RECORDS", str(records))
+    cfg = RealConfig(model=str(tmp_path / "model"), python=str(fake), gpus=(0, 1, 2, 3), tensor_parallel_size=2,
+                     num_replicas=1, control_interval_s=0.5, scrape_interval_s=0.2, startup_timeout_s=30,
+                     log_dir=str(tmp_path / "logs"))
+    scaler = TargetScaler({"default": 2})
+    res = real.execute(workflow_table(base=9000, jobs=6, spacing_s=0.4), cfg, make_router("round_robin"), scaler)
+    assert (res.requests["status"] == "ok").all(), res.failures
+    assert sorted(res.servers["placement"]) == ["0,1", "2,3"] and set(res.requests["replica_id"]) == {0, 1}
+    started = {r["CUDA_VISIBLE_DEVICES"]: r for r in (json.loads(f.read_text()) for f in records.iterdir())}
+    assert sorted(started) == ["0,1", "2,3"]
+    for r in started.values():
+        argv = r["argv"]
+        assert argv[argv.index("--tensor-parallel-size") + 1] == "2" and "--gpu-memory-utilization" in argv
+        assert r["VLLM_CPU_OMP_THREADS_BIND"] is None
+    first = scaler.seen[0]
+    assert (first.total_gpus, first.free_gpus, first.pools["default"].gpus_per_replica) == (4, 2, 2)
+    assert res.cluster["gpus_in_use"].max() == 4
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory) -> RealConfig:
     model = tmp_path_factory.mktemp("tiny-llama")
