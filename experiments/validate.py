@@ -123,10 +123,11 @@ def phase_means(requests: pd.DataFrame, engine: pd.DataFrame | None) -> dict[str
     return out
 
 
-def summary(calls: pd.DataFrame, phases: dict[str, dict[str, float]]) -> pd.DataFrame:
+def summary(calls: pd.DataFrame, phases: dict[str, dict[str, float]], route_s: dict[str, pd.Series]) -> pd.DataFrame:
     """Per-call agreement of every pair of PAIRS (``e2e_median_factor``: sim vs real; ``e2e_sim_repeat_factor``:
     sim vs the repeat; ``e2e_repeat_real_factor``: real vs itself), medians, p90s and hit rates per backend, and
-    the mean time per call in each phase (``phase_means``; ``prefill_mean_ms_real``, ...)."""
+    the mean time per call in each phase (``phase_means``; ``prefill_mean_ms_real``, ...) and the router's
+    decision time per call on the real runs (``route_s``: tag -> seconds per call; ``route_p99_ms_real``, ...)."""
     row: dict = {"router": ROUTER, "calls": len(calls),
                  **{f"calls_ok_{t}": int((calls[f"status_{t}"] == "ok").sum()) for t in BACKENDS}}
     for metric in ("e2e", "ttft"):
@@ -144,6 +145,10 @@ def summary(calls: pd.DataFrame, phases: dict[str, dict[str, float]]) -> pd.Data
     for phase in (*PHASES, "itl"):
         for t in BACKENDS:
             row[f"{phase}_mean_ms_{t}"] = 1e3 * phases[t][phase]
+    for t, seconds in route_s.items():
+        ms = 1e3 * seconds.to_numpy()
+        row.update({f"route_p50_ms_{t}": np.median(ms), f"route_p99_ms_{t}": np.percentile(ms, 99),
+                    f"route_max_ms_{t}": ms.max()})
     return pd.DataFrame([row])
 
 
@@ -159,7 +164,7 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
                                  "running": r.timeseries.groupby("t")["num_running"].sum()}).fillna(0)
               for tag, r in results.items() if tag != "repeat"}
     phases = {tag: phase_means(r.requests, None if tag == "sim" else r.engine) for tag, r in results.items()}
-    df = summary(calls, phases)
+    df = summary(calls, phases, {tag: results[tag].requests["route_overhead_s"] for tag in ("real", "repeat")})
     write(calls, out, f"{NAME}_calls")
     write(df, out, NAME)
     plot(calls, queues, df.iloc[0], out / f"{NAME}.png")
@@ -212,7 +217,8 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
     fig.suptitle(f"Fig. 13: simulator vs real vLLM (2 x {MODEL} on CPU cores, {ROUTER} router, {int(s['calls'])} "
                  f"calls; the real run repeated on fresh servers)\nper-call E2E: simulated vs real a median factor "
                  f"{s['e2e_median_factor']:.2f} (vs the repeat {s['e2e_sim_repeat_factor']:.2f}), real vs its repeat "
-                 f"{s['e2e_repeat_real_factor']:.2f}; hit rate diff {s['hit_rate_diff']:+.3f}")
+                 f"{s['e2e_repeat_real_factor']:.2f}; hit rate diff {s['hit_rate_diff']:+.3f}; the router's decision "
+                 f"p99 {s['route_p99_ms_real']:.2f} ms per call")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

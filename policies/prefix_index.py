@@ -10,6 +10,11 @@ evicted least-recently-used first, the way vLLM evicts its free cached blocks.
 Invariant that makes eviction cheap: every touch of a node also touches all its ancestors, after it, so
 for any tenant an ancestor is always more recent than its descendants. The least recently used node of
 a tenant is therefore a leaf for that tenant, and evicting it never leaves a gap in a cached prefix.
+
+Nodes are integer ids into flat lists, and each node's tenants one integer bit mask, not objects that point
+at each other: a trie of a cluster's worth of prompts holds ~10^5 nodes, and as objects with parent links
+they kept Python's cyclic garbage collector walking all of them, stalling a routing decision now and then for
+150-300 ms (``benchmarks/policy_overhead.py``). Dicts of ints are not tracked by the collector at all.
 """
 
 from __future__ import annotations
@@ -17,41 +22,41 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-
-class _Node:
-    __slots__ = ("block", "parent", "children", "tenants")
-
-    def __init__(self, block: int, parent: _Node | None):
-        self.block = block
-        self.parent = parent
-        self.children: dict[int, _Node] = {}
-        self.tenants: set[int] = set()
+ROOT = 0
 
 
 class PrefixIndex:
     """Which leading blocks of a prompt each replica holds, by the router's own records, with LRU bounds."""
 
     def __init__(self) -> None:
-        self._root = _Node(-1, None)
-        self._lru: dict[int, OrderedDict[_Node, None]] = {}  # tenant -> its nodes, least recent first
+        # node id -> its block id, parent, children (block -> node) and tenants (bit r: replica r holds it)
+        self._block: list[int] = [-1]
+        self._parent: list[int] = [-1]
+        self._children: list[dict[int, int]] = [{}]
+        self._tenants: list[int] = [0]
+        self._free: list[int] = []  # ids of pruned nodes, for reuse
+        self._lru: dict[int, OrderedDict[int, None]] = {}  # tenant -> its nodes, least recent first
+
+    def _path(self, blocks: Sequence[int]) -> list[int]:
+        """Nodes of the longest run of ``blocks`` in the trie, from the root's child down."""
+        children, path, node = self._children, [], ROOT
+        for b in blocks:
+            node = children[node].get(b, -1)
+            if node < 0:
+                break
+            path.append(node)
+        return path
 
     def match(self, blocks: Sequence[int], replica_ids: Iterable[int]) -> dict[int, int]:
         """Number of leading ``blocks`` held by each of ``replica_ids`` (0 for replicas holding none)."""
-        path: list[_Node] = []
-        node = self._root
-        for b in blocks:
-            child = node.children.get(b)
-            if child is None:
-                break
-            path.append(child)
-            node = child
+        masks = [self._tenants[n] for n in self._path(blocks)]
         out: dict[int, int] = {}
         for r in replica_ids:
             # Tenant sets shrink along a path, so the deepest node holding r is found by bisection.
-            lo, hi = 0, len(path)
+            lo, hi = 0, len(masks)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if r in path[mid].tenants:
+                if masks[mid] >> r & 1:
                     lo = mid + 1
                 else:
                     hi = mid
@@ -63,19 +68,15 @@ class PrefixIndex:
         if capacity_blocks < 0:
             raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         lru = self._lru.setdefault(replica_id, OrderedDict())
-        path: list[_Node] = []
-        node = self._root
-        for b in blocks:
-            child = node.children.get(b)
-            if child is None:
-                child = node.children[b] = _Node(b, node)
-            path.append(child)
-            node = child
+        path = self._path(blocks)
+        for b in blocks[len(path):]:
+            path.append(self._new_node(b, path[-1] if path else ROOT))
+        tenants, bit = self._tenants, 1 << replica_id
         for n in reversed(path):  # leaf first: ancestors end up more recent than descendants
-            if replica_id in n.tenants:
+            if tenants[n] & bit:
                 lru.move_to_end(n)
             else:
-                n.tenants.add(replica_id)
+                tenants[n] |= bit
                 lru[n] = None
         while len(lru) > capacity_blocks:
             victim, _ = lru.popitem(last=False)
@@ -93,9 +94,25 @@ class PrefixIndex:
             for n in self._lru.pop(r):
                 self._remove_tenant(n, r)
 
-    def _remove_tenant(self, node: _Node, replica_id: int) -> None:
-        node.tenants.discard(replica_id)
+    def _new_node(self, block: int, parent: int) -> int:
+        if self._free:
+            n = self._free.pop()
+            self._block[n], self._parent[n], self._tenants[n] = block, parent, 0
+        else:
+            n = len(self._block)
+            self._block.append(block)
+            self._parent.append(parent)
+            self._children.append({})
+            self._tenants.append(0)
+        self._children[parent][block] = n
+        return n
+
+    def _remove_tenant(self, node: int, replica_id: int) -> None:
+        tenants, children, parent = self._tenants, self._children, self._parent
+        tenants[node] &= ~(1 << replica_id)
         # A node nobody holds has no held descendants (tenant sets shrink along paths): prune it upwards.
-        while node.parent is not None and not node.tenants and not node.children:
-            del node.parent.children[node.block]
-            node = node.parent
+        while node != ROOT and not tenants[node] and not children[node]:
+            up = parent[node]
+            del children[up][self._block[node]]
+            self._free.append(node)
+            node = up
