@@ -21,7 +21,7 @@ E2E_FACTOR_BOUND = 3.0
 NOISE_FLOOR_MARGIN = 1.3
 # On the engine's own clock (the servers' latency histograms) the cost model is checked directly: mean prefill
 # time per call and decode time per output token, simulated over the geometric mean of the two real runs'. The
-# real engine itself moved from run to run on this VM: 25-64 ms prefill and 5.0-12.7 ms per token over four
+# real engine itself moved from run to run on this VM: 25-64 ms prefill and 5.0-12.7 ms per token over ten real
 # runs within an hour (host noise; nothing else ran), so the ratio was 0.65-1.23 with a fixed cost model. A cost
 # model 3x off always fails; 2x off fails unless the host is at the slow or fast end of that spread.
 ENGINE_FACTOR_BOUND = 2.0
