@@ -18,6 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -301,33 +302,70 @@ FAKE_VLLM = textwrap.dedent('''
     ''')
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs aiohttp (the 'real' extra)")
-def test_gpu_replicas_launch_on_their_own_tensor_parallel_groups_and_scale(tmp_path, monkeypatch):
-    """``execute`` on 4 "GPUs" in groups of 2: the initial server gets devices 0,1, the scaler's second one 2,3,
-    each with its tp flags and no CPU pinning; the observation counts GPUs. vLLM itself is the stand-in above."""
+requires_aiohttp = pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None,
+                                      reason="needs aiohttp (the 'real' extra)")
+
+
+@pytest.fixture
+def fake_gpu_cfg(tmp_path, monkeypatch) -> RealConfig:
+    """Servers launched as the stand-in above on 4 "GPUs"; each writes its launch to ``<log_dir>/records``."""
     fake = tmp_path / "fake-python"
     fake.write_text(f"#!{sys.executable}\n" + FAKE_VLLM)  # RealConfig.python runs it as `python -m <entry> ...`
     fake.chmod(0o755)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_LLAMA))
-    (records := tmp_path / "records").mkdir()
-    monkeypatch.setenv("FAKE_VLLM_RECORDS", str(records))
-    cfg = RealConfig(model=str(tmp_path / "model"), python=str(fake), gpus=(0, 1, 2, 3), tensor_parallel_size=2,
-                     num_replicas=1, control_interval_s=0.5, scrape_interval_s=0.2, startup_timeout_s=30,
-                     log_dir=str(tmp_path / "logs"))
+    (tmp_path / "logs" / "records").mkdir(parents=True)
+    monkeypatch.setenv("FAKE_VLLM_RECORDS", str(tmp_path / "logs" / "records"))
+    return RealConfig(model=str(tmp_path / "model"), python=str(fake), gpus=(0, 1, 2, 3), control_interval_s=0.5,
+                      scrape_interval_s=0.2, startup_timeout_s=30, log_dir=str(tmp_path / "logs"))
+
+
+def _launches(cfg: RealConfig) -> dict[str, dict]:
+    """CUDA_VISIBLE_DEVICES -> what the stand-in server was started with."""
+    records = (json.loads(f.read_text()) for f in (Path(cfg.log_dir) / "records").iterdir())
+    return {r["CUDA_VISIBLE_DEVICES"]: r for r in records}
+
+
+def _tp(launch: dict) -> str:
+    return launch["argv"][launch["argv"].index("--tensor-parallel-size") + 1]
+
+
+@requires_aiohttp
+def test_gpu_replicas_launch_on_their_own_tensor_parallel_groups_and_scale(fake_gpu_cfg):
+    """``execute`` on 4 "GPUs" in groups of 2: the initial server gets devices 0,1, the scaler's second one 2,3,
+    each with its tp flags and no CPU pinning; the observation counts GPUs. vLLM itself is the stand-in above."""
+    cfg = replace(fake_gpu_cfg, tensor_parallel_size=2, num_replicas=1)
     scaler = TargetScaler({"default": 2})
     res = real.execute(workflow_table(base=9000, jobs=6, spacing_s=0.4), cfg, make_router("round_robin"), scaler)
     assert (res.requests["status"] == "ok").all(), res.failures
     assert sorted(res.servers["placement"]) == ["0,1", "2,3"] and set(res.requests["replica_id"]) == {0, 1}
-    started = {r["CUDA_VISIBLE_DEVICES"]: r for r in (json.loads(f.read_text()) for f in records.iterdir())}
-    assert sorted(started) == ["0,1", "2,3"]
-    for r in started.values():
-        argv = r["argv"]
-        assert argv[argv.index("--tensor-parallel-size") + 1] == "2" and "--gpu-memory-utilization" in argv
-        assert r["VLLM_CPU_OMP_THREADS_BIND"] is None
+    launches = _launches(cfg)
+    assert sorted(launches) == ["0,1", "2,3"]
+    for r in launches.values():
+        assert _tp(r) == "2" and "--gpu-memory-utilization" in r["argv"] and r["VLLM_CPU_OMP_THREADS_BIND"] is None
     first = scaler.seen[0]
     assert (first.total_gpus, first.free_gpus, first.pools["default"].gpus_per_replica) == (4, 2, 2)
     assert res.cluster["gpus_in_use"].max() == 4
+
+
+@requires_aiohttp
+def test_launched_pools_get_their_own_gpus_and_tensor_parallel_degree(fake_gpu_cfg):
+    """Pool 'main' on GPUs 0,1 one each, pool 'big' on 2,3 as one tp-2 server; the linter's calls go to 'big'."""
+    main = replace(fake_gpu_cfg, pool="main", gpus=(0, 1), num_replicas=2)
+    big = replace(fake_gpu_cfg, pool="big", gpus=(2, 3), tensor_parallel_size=2, num_replicas=1)
+    scaler = TargetScaler({"main": 2, "big": 1})
+    res = real.execute(workflow_table(base=9500, jobs=4, spacing_s=0.3), [main, big], make_router("least_loaded"),
+                       scaler, agent_pools={"linter": "big"})
+    req, srv = res.requests, res.servers.set_index("replica_id")
+    assert (req["status"] == "ok").all(), res.failures
+    assert {k: _tp(v) for k, v in _launches(main).items()} == {"0": "1", "1": "1", "2,3": "2"}
+    big_ids = set(srv.index[srv["pool"] == "big"])
+    assert set(srv.loc[list(big_ids), "placement"]) == {"2,3"}
+    assert set(req.loc[req["agent"] == "linter", "replica_id"]) == big_ids
+    assert not set(req.loc[req["agent"] != "linter", "replica_id"]) & big_ids
+    first = scaler.seen[0]
+    assert {p: o.gpus_per_replica for p, o in first.pools.items()} == {"main": 1, "big": 2}
+    assert (first.total_gpus, first.free_gpus) == (4, 0)
 
 
 @pytest.fixture(scope="session")
