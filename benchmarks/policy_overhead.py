@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import policies.rl  # noqa: F401  (these three fill the registries)
+import policies.routers  # noqa: F401
+import policies.scalers  # noqa: F401
 from experiments.common import REFERENCE_LOAD
 from policies.api import ROUTERS, SCALERS, make_router, make_scaler
 from sim.cluster import ClusterConfig, PoolConfig, simulate
@@ -63,7 +66,6 @@ def main() -> None:
     print(f"{WORKLOAD} at {REFERENCE_LOAD[WORKLOAD]} jobs/s for {args.duration:.0f} s: {len(table)} calls, "
           f"8 x {cfg.gpu}, {cfg.pools[0].model}")
     print(f"{'policy':23s} {'calls':>7s}  {'p50 ms':>8s}  {'p99 ms':>8s}  {'max ms':>8s}  p99 < {CLAIM_MS:g} ms")
-    make_router("round_robin"), make_scaler("static")  # fill the registries
     for name in sorted(ROUTERS):
         timed = Timed(make_router(name))
         simulate(table, cfg, timed)

@@ -74,6 +74,7 @@ def run_real(table: pd.DataFrame):
 
 
 BACKENDS = ("real", "repeat", "sim")  # the first real run, the second on fresh servers, the simulator
+COLORS = {"real": "C0", "repeat": "0.55", "sim": "C1"}
 PAIRS = (("sim", "real"), ("sim", "repeat"), ("repeat", "real"))  # (compared, reference) per-call agreement
 
 
@@ -176,9 +177,9 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
     for ax, metric in zip(axes[0][:2], ("ttft", "e2e"), strict=True):
         real = calls[f"{metric}_real"]
         name = metric.upper()
-        ax.scatter(real, calls[f"{metric}_repeat"], s=12, alpha=0.5, color="0.55",
+        ax.scatter(real, calls[f"{metric}_repeat"], s=12, alpha=0.5, color=COLORS["repeat"],
                    label=f"real, repeated (factor {s[f'{metric}_repeat_real_factor']:.2f})")
-        ax.scatter(real, calls[f"{metric}_sim"], s=12, alpha=0.8, color="C1",
+        ax.scatter(real, calls[f"{metric}_sim"], s=12, alpha=0.8, color=COLORS["sim"],
                    label=f"simulated (factor {s[f'{metric}_median_factor']:.2f})")
         both = pd.concat([calls[f"{metric}_{t}"] for t in BACKENDS])
         lo, hi = both.min(), both.max()
@@ -198,9 +199,8 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
     agents = sorted(calls["agent"].unique())
     x = np.arange(len(agents) + 1)
     g = calls.groupby("agent")
-    for k, tag in enumerate(BACKENDS):
-        rates = list((g[f"cached_{tag}"].sum() / g["input_tokens"].sum()).loc[agents]) + [s[f"hit_rate_{tag}"]]
-        ax.bar(x + (k - 1) * 0.27, rates, width=0.27, label=tag, color=("C0", "0.55", "C1")[k])
+    _bars(ax, x, {tag: list((g[f"cached_{tag}"].sum() / g["input_tokens"].sum()).loc[agents])
+                  + [s[f"hit_rate_{tag}"]] for tag in BACKENDS})
     ax.set_xticks(x, agents + ["all"], rotation=20)
     ax.set(ylabel="prefix-cache hit rate (tokens)", title=f"hit rate: real {s['hit_rate_real']:.3f}, "
            f"repeat {s['hit_rate_repeat']:.3f}, sim {s['hit_rate_sim']:.3f}")
@@ -240,12 +240,17 @@ def plot_phases(breakdown: plt.Axes, engine: plt.Axes, s: pd.Series) -> None:
     breakdown.set(xlabel="mean per call (ms)", title="where a call's E2E goes", xlim=(0, 1.7 * left.max()))
     breakdown.legend(fontsize=8, loc="center right")
     x = np.arange(2)
-    for k, t in enumerate(BACKENDS):
-        ms = [s[f"prefill_mean_ms_{t}"], s[f"itl_mean_ms_{t}"]]
-        engine.bar(x + (k - 1) * 0.27, ms, width=0.27, label=t, color=("C0", "0.55", "C1")[k])
+    _bars(engine, x, {t: [s[f"prefill_mean_ms_{t}"], s[f"itl_mean_ms_{t}"]] for t in BACKENDS})
     err = {p: " / ".join(f"{100 * (s[f'{p}_mean_ms_sim'] / s[f'{p}_mean_ms_{t}'] - 1):+.0f} %"
                          for t in ("real", "repeat")) for p in ("prefill", "itl")}
     engine.set_xticks(x, [f"prefill per call\nsim: {err['prefill']}", f"decode per token\nsim: {err['itl']}"])
     engine.set(ylabel="engine time, mean (ms)", title="the engine: simulated vs vLLM's own clock\n"
                "(sim's error vs the real run / its repeat)")
     engine.legend(fontsize=8)
+
+
+def _bars(ax: plt.Axes, x: np.ndarray, heights: dict[str, list[float]]) -> None:
+    """One bar per backend at each x, side by side, in the backends' colors."""
+    width = 0.8 / len(heights)
+    for k, (tag, h) in enumerate(heights.items()):
+        ax.bar(x + (k - (len(heights) - 1) / 2) * width, h, width=width, label=tag, color=COLORS[tag])

@@ -136,7 +136,7 @@ def pools_of(cfg: RealConfig | Sequence[RealConfig], agent_pools: Mapping[str, s
     seen: dict[str, str] = {}
     for c in cfgs:
         kind = "urls" if not c.launch else "gpus" if c.on_gpus else "cores"
-        devices = c.urls if not c.launch else c.gpus if c.on_gpus else tuple(int(x) for x in c.placements)
+        devices = c.urls if not c.launch else c.gpus if c.on_gpus else c.placements
         for d in devices:
             key = f"{kind} {str(d).rstrip('/')}"
             if key in seen and seen[key] != c.pool:

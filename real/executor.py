@@ -115,9 +115,10 @@ def execute(table: pd.DataFrame, cfg: RealConfig | Sequence[RealConfig], router:
     validate(table, "execute(table)")
     if not time_scale > 0:
         raise ValueError(f"time_scale={time_scale} must be > 0")
-    pools = pools_of(cfg, agent_pools or {})
+    agent_pools = agent_pools or {}
+    pools = pools_of(cfg, agent_pools)
     first = next(iter(pools.values()))
-    pool_of = [(agent_pools or {}).get(a, first.pool) for a in table["agent"]]
+    pool_of = [agent_pools.get(a, first.pool) for a in table["agent"]]
     max_len = np.array([pools[p].max_model_len for p in pool_of])
     too_long = (table["input_tokens"] + table["output_tokens"].clip(lower=1)).to_numpy() > max_len
     if too_long.any():
@@ -494,10 +495,11 @@ class _Run:
         servers = [(s.replica_id, s.pool, s.url, s.server.pid if s.server else -1,
                     s.server.placement if s.server else "", s.start_s, s.ready_s, s.stop_s, s.state)
                    for s in self.slots.values()]
-        engine = [(s.replica_id, phase, total - s.latency_first.get(phase, (0.0, 0))[0],
-                   n - s.latency_first.get(phase, (0.0, 0))[1])
-                  for s in self.slots.values() if s.latency_first is not None
-                  for phase, (total, n) in s.latency.items()]
+        engine = []
+        for s in self.slots.values():
+            for phase, (total, n) in s.latency.items():  # this run's share: the latest sums less the first
+                total0, n0 = (s.latency_first or {}).get(phase, (0.0, 0))
+                engine.append((s.replica_id, phase, total - total0, n - n0))
         return RealResult(
             requests=requests, jobs=job_table(requests),
             timeseries=pd.DataFrame(self.ts_rows, columns=TIMESERIES_COLUMNS),

@@ -335,7 +335,7 @@ def test_gpu_replicas_launch_on_their_own_tensor_parallel_groups_and_scale(fake_
     """``execute`` on 4 "GPUs" in groups of 2: the initial server gets devices 0,1, the scaler's second one 2,3,
     each with its tp flags and no CPU pinning; the observation counts GPUs. vLLM itself is the stand-in above."""
     cfg = replace(fake_gpu_cfg, tensor_parallel_size=2, num_replicas=1)
-    scaler = TargetScaler({"default": 2})
+    scaler = ScriptedScaler([2])
     res = real.execute(workflow_table(base=9000, jobs=6, spacing_s=0.4), cfg, make_router("round_robin"), scaler)
     assert (res.requests["status"] == "ok").all(), res.failures
     assert sorted(res.servers["placement"]) == ["0,1", "2,3"] and set(res.requests["replica_id"]) == {0, 1}
@@ -353,7 +353,7 @@ def test_launched_pools_get_their_own_gpus_and_tensor_parallel_degree(fake_gpu_c
     """Pool 'main' on GPUs 0,1 one each, pool 'big' on 2,3 as one tp-2 server; the linter's calls go to 'big'."""
     main = replace(fake_gpu_cfg, pool="main", gpus=(0, 1), num_replicas=2)
     big = replace(fake_gpu_cfg, pool="big", gpus=(2, 3), tensor_parallel_size=2, num_replicas=1)
-    scaler = TargetScaler({"main": 2, "big": 1})
+    scaler = ScriptedScaler([{"main": 2, "big": 1}])
     res = real.execute(workflow_table(base=9500, jobs=4, spacing_s=0.3), [main, big], make_router("least_loaded"),
                        scaler, agent_pools={"linter": "big"})
     req, srv = res.requests, res.servers.set_index("replica_id")
@@ -469,14 +469,16 @@ def test_prefix_aware_routing_hits_where_predicted_and_beats_round_robin(servers
 
 
 class ScriptedScaler:
-    """Targets from a list, one per control interval (then the last); keeps what it observed."""
+    """Targets from a list, one per control interval (then the last), each a replica count for pool "default"
+    or a dict of them per pool; keeps what it observed."""
 
     def __init__(self, targets):
         self.targets, self.seen = list(targets), []
 
     def decide(self, obs):
         self.seen.append(obs)
-        return ScaleAction({"default": self.targets[min(len(self.seen), len(self.targets)) - 1]})
+        target = self.targets[min(len(self.seen), len(self.targets)) - 1]
+        return ScaleAction(dict(target) if isinstance(target, dict) else {"default": target})
 
 
 @pytest.mark.real
@@ -500,17 +502,6 @@ def test_scaler_starts_and_drains_attached_replicas(servers, tiny_cfg):
     assert scaler.seen[0].pools["default"].arrivals >= 2
 
 
-class TargetScaler:
-    """Asks for fixed replica counts per pool at every decision; keeps what it observed."""
-
-    def __init__(self, targets: dict[str, int]):
-        self.targets, self.seen = targets, []
-
-    def decide(self, obs):
-        self.seen.append(obs)
-        return ScaleAction(dict(self.targets))
-
-
 @pytest.mark.real
 @requires_vllm
 def test_agents_go_to_their_pools_and_the_scaler_starts_a_pool_from_zero(servers, tiny_cfg):
@@ -520,7 +511,7 @@ def test_agents_go_to_their_pools_and_the_scaler_starts_a_pool_from_zero(servers
     main = replace(tiny_cfg, pool="main", urls=(urls[0],), num_replicas=1, control_interval_s=1.0)
     checks = replace(main, pool="checks", urls=(urls[1],), num_replicas=0)
     agent_pools = {"tester": "checks", "linter": "checks"}
-    scaler = TargetScaler({"main": 1, "checks": 1})
+    scaler = ScriptedScaler([{"main": 1, "checks": 1}])
     table = workflow_table(base=7000, jobs=4, spacing_s=0.3)
     res = real.execute(table, [main, checks], make_router("cache_aware"), scaler, agent_pools=agent_pools)
     req, srv = res.requests, res.servers.set_index("replica_id")
@@ -543,8 +534,6 @@ def test_agents_go_to_their_pools_and_the_scaler_starts_a_pool_from_zero(servers
 def test_the_trained_rl_scaler_drives_real_servers_unchanged(servers, tiny_cfg):
     """The shipped PPO checkpoint, made by name from the scaler registry exactly as the simulator makes it,
     scales the real executor on observations built from the servers' /metrics."""
-    import policies.rl  # noqa: F401  (registers "rl")
-
     cfg = _attach(tiny_cfg, servers, num_replicas=1, control_interval_s=1.0)
     scaler = make_scaler("rl")
     res = real.execute(workflow_table(base=7000, jobs=10, spacing_s=0.5), cfg, make_router("round_robin"), scaler)
