@@ -84,6 +84,7 @@ class PoolSpec:
 
     name: str
     gpus_per_replica: int
+    max_model_len: int  # the replicas' context window: a longer prompt + output is refused, as vLLM's API does
 
 
 class FrontEnd:
@@ -147,9 +148,16 @@ class FrontEnd:
 
     # --- calls -----------------------------------------------------------------------------------------
     def release(self, request_id: int) -> None:
-        """The call is released now: route it, hold it for its pool, or fail it if nothing can serve it."""
-        info = self.graph.infos[request_id]
-        self.ledger.release(info, self.graph.output_tokens[request_id], self.backend.now())
+        """The call is released now: route it, hold it for its pool, or fail it if nothing can serve it.
+        A call longer than its pool's ``max_model_len`` is refused, as vLLM's API server refuses it."""
+        info, out = self.graph.infos[request_id], self.graph.output_tokens[request_id]
+        self.ledger.release(info, out, self.backend.now())
+        limit = self.pools[info.pool].max_model_len
+        if info.input_tokens + max(out, 1) > limit:
+            self._end(request_id, "rejected", "call_rejected", -1,
+                      f"prompt {info.input_tokens} + max_tokens {max(out, 1)} tokens exceed max_model_len={limit} "
+                      f"of pool '{info.pool}'")
+            return
         self._dispatch(request_id)
 
     def _dispatch(self, request_id: int) -> None:
@@ -198,9 +206,7 @@ class FrontEnd:
             self.ledger.unroute(request_id)  # latency still counts from the first release
             self._dispatch(request_id)
         else:
-            self.ledger.finished(request_id, self.backend.now(), failed=True)
-            self.failure("call_failed", replica_id, request_id, reason)
-            self._call_done(request_id)
+            self._end(request_id, "failed", "call_failed", replica_id, reason)
         if replica_id in self.replicas:
             self._stop_if_idle(self.replicas[replica_id])
 
@@ -211,8 +217,12 @@ class FrontEnd:
                 self._give_up(self.pending[pool].popleft())
 
     def _give_up(self, request_id: int) -> None:
-        self.ledger.finished(request_id, self.backend.now(), failed=True)
-        self.failure("call_failed", -1, request_id, "no live replica to serve it and none can be started")
+        self._end(request_id, "failed", "call_failed", -1, "no live replica to serve it and none can be started")
+
+    def _end(self, request_id: int, status: str, kind: str, replica_id: int, detail: str) -> None:
+        """The call ends unserved: recorded with ``status``, explained by a failure row of ``kind``."""
+        self.ledger.finished(request_id, self.backend.now(), status=status)
+        self.failure(kind, replica_id, request_id, detail)
         self._call_done(request_id)
 
     def _call_done(self, request_id: int) -> None:

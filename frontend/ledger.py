@@ -53,7 +53,7 @@ class CallRecord:
     finish_s: float = math.nan
     cached_tokens: int = 0  # prompt tokens served from the prefix cache, as the engine reports it
     num_preemptions: int = 0
-    status: str = "pending"  # pending -> routed -> ok | failed
+    status: str = "pending"  # pending -> routed -> ok | failed; or pending -> rejected
     route_overhead_s: float = 0.0  # wall time spent in the policy's route() (real cost of the interface)
 
 
@@ -125,11 +125,13 @@ class Ledger:
         self.calls[request_id].first_token_s = now
 
     def finished(self, request_id: int, now: float, *, cached_tokens: int = 0, num_preemptions: int = 0,
-                 scheduled_s: float = math.nan, failed: bool = False) -> None:
+                 scheduled_s: float = math.nan, status: str = "ok") -> None:
+        """The call ended: "ok" (served), "failed" (lost on the way) or "rejected" (refused, as vLLM refuses it)."""
         rec, info = self.calls[request_id], self._info.pop(request_id)
         rec.finish_s, rec.cached_tokens, rec.num_preemptions = now, cached_tokens, num_preemptions
         rec.scheduled_s = scheduled_s
-        rec.status = "failed" if failed else "ok"
+        rec.status = status
+        failed = status != "ok"
         if math.isnan(rec.first_token_s) and not failed:
             rec.first_token_s = now
         if rec.replica_id >= 0:

@@ -16,7 +16,7 @@ import pandas as pd
 TIMESERIES_COLUMNS = ["t", "replica_id", "pool", "state", "num_running", "num_waiting", "kv_usage"]
 # One row per pool per sample; gpus_in_use counts the whole cluster's GPUs held (a CPU core counts as one).
 CLUSTER_COLUMNS = ["t", "pool", "pending", "starting", "ready", "draining", "gpus_in_use"]
-# Kinds: replica_died, start_failed, call_failed, call_retried.
+# Kinds: replica_died, start_failed, call_failed, call_retried, call_rejected.
 FAILURE_COLUMNS = ["t", "kind", "replica_id", "request_id", "detail"]
 # Real runs: one row per server (pid -1 when attached).
 SERVER_COLUMNS = ["replica_id", "pool", "url", "pid", "placement", "start_s", "ready_s", "stop_s", "state"]
@@ -50,6 +50,7 @@ class Results:
         ms = r.loc[r["replica_id"] >= 0, "route_overhead_s"].to_numpy() * 1e3
         kinds = self.failures["kind"].value_counts().to_dict()
         lines = [f"{int((r['status'] == 'ok').sum())} calls ok, {int((r['status'] == 'failed').sum())} failed, "
+                 f"{int((r['status'] == 'rejected').sum())} rejected, "
                  f"{kinds.get('call_retried', 0)} retried; {kinds.get('replica_died', 0)} replica(s) died, "
                  f"{kinds.get('start_failed', 0)} failed to start"]
         if len(ms):

@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
-import numpy as np
 import pandas as pd
 
 from frontend.core import FrontEnd, PoolSpec, Replica
@@ -37,7 +36,7 @@ from real.config import RealConfig, pools_of
 from real.launcher import Launcher, Server, ServerStartError, probe, stop_server
 from real.metrics import latency_sums, replica_metrics
 from real.tokens import prompt_token_ids
-from traces.schema import WorkloadError, validate
+from traces.schema import validate
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +75,6 @@ def execute(table: pd.DataFrame, cfg: RealConfig | Sequence[RealConfig], router:
     agent_pools = agent_pools or {}
     pools = pools_of(cfg, agent_pools)
     first = next(iter(pools.values()))
-    pool_of = [agent_pools.get(a, first.pool) for a in table["agent"]]
-    windows = {name: c.resolved_max_model_len() for name, c in pools.items()}
-    max_len = np.array([windows[p] for p in pool_of])
-    too_long = (table["input_tokens"] + table["output_tokens"].clip(lower=1)).to_numpy() > max_len
-    if too_long.any():
-        i = int(np.flatnonzero(too_long)[0])
-        raise WorkloadError(f"execute(table), row {i}: input_tokens + output_tokens = "
-                            f"{table['input_tokens'].iat[i] + table['output_tokens'].iat[i]} exceeds the servers' "
-                            f"max_model_len={max_len[i]} (pool '{pool_of[i]}'); raise EngineArgs.max_model_len or "
-                            f"trim the trace")
     run = _Run(table, pools, router, scaler, time_scale, agent_pools)
     launch = any(c.launch for c in pools.values())
     with Launcher(first.log_dir or None) if launch else contextlib.nullcontext() as launcher:
@@ -103,9 +92,10 @@ class _Run:
         self.cfg = next(iter(pools.values()))  # the executor settings (EXECUTOR_FIELDS), equal in every pool
         self.launcher: Launcher | None = None
         self.vocab_size = {name: c.resolved_vocab_size() for name, c in pools.items()}
-        self.front = FrontEnd(table, [PoolSpec(name, c.gpus_per_replica) for name, c in pools.items()], router,
-                              scaler, self, agent_pools=agent_pools, control_interval_s=self.cfg.control_interval_s,
-                              time_policies=True, source="execute(table)")
+        specs = [PoolSpec(name, c.gpus_per_replica, c.resolved_max_model_len()) for name, c in pools.items()]
+        self.front = FrontEnd(table, specs, router, scaler, self, agent_pools=agent_pools,
+                              control_interval_s=self.cfg.control_interval_s, time_policies=True,
+                              source="execute(table)")
         self.front.on_call_done = self._call_done
         self.tasks: set[asyncio.Task] = set()
         self.error: BaseException | None = None

@@ -20,7 +20,7 @@ from frontend.results import Results
 from policies.api import RequestInfo, Router, Scaler
 from sim.costmodel import CostModel, make_cost_model
 from sim.engine import Engine, RequestRecord, SimRequest
-from sim.models import load_model, num_gpu_blocks
+from sim.models import Model, load_model, num_gpu_blocks
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,14 @@ class SimBackend:
         self._costs: dict[str, CostModel] = {}
         self._blocks: dict[str, int] = {}
         self._cold_start: dict[str, float] = {}
+        self.max_model_len: dict[str, int] = {}
         args = cfg.engine
         for p in cfg.pools:
+            model = load_model(p.model)
             self._costs[p.name] = make_cost_model(cfg.gpu, p.model, p.tp)
             self._blocks[p.name] = args.num_gpu_blocks_override or num_gpu_blocks(
-                cfg.gpu, load_model(p.model), p.tp, block_size=args.block_size,
-                gpu_memory_utilization=args.gpu_memory_utilization)
+                cfg.gpu, model, p.tp, block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization)
+            self.max_model_len[p.name] = max_model_len(args, model, self._blocks[p.name], p.name)
             self._cold_start[p.name] = cold_start_s(cfg, p.name)
         need = sum(p.initial_replicas * p.tp for p in cfg.pools)
         if need > cfg.num_gpus:
@@ -148,7 +150,8 @@ class Simulation:
         self.env = env = simpy.Environment()
         self.backend = SimBackend(env, cfg)
         self.front = front = FrontEnd(
-            table, [PoolSpec(p.name, p.tp) for p in cfg.pools], router, scaler, self.backend,
+            table, [PoolSpec(p.name, p.tp, self.backend.max_model_len[p.name]) for p in cfg.pools], router, scaler,
+            self.backend,
             agent_pools=cfg.agent_pools, control_interval_s=cfg.control_interval_s, source="simulate(table)",
             externally_scaled=controlled)
         self.backend.front = front
@@ -212,6 +215,22 @@ def _progress(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="req", desc="simulate", mininterval=1.0)
+
+
+def max_model_len(args: EngineArgs, model: Model, num_blocks: int, pool: str) -> int:
+    """The pool's context window (``args.max_model_len``, else the model's), refused where vLLM refuses to start:
+    one call of that length must fit the KV cache, and without chunked prefill, one step."""
+    n = args.max_model_len or model.max_position_embeddings
+    capacity = (num_blocks - 1) * args.block_size + 1  # block 0 is the null block; the last token needs no KV
+    if n > capacity:
+        raise ValueError(f"pool '{pool}': max_model_len={n} tokens do not fit its KV cache of {num_blocks} blocks "
+                         f"of {args.block_size} tokens (one call may hold at most {capacity}); set "
+                         f"EngineArgs.max_model_len <= {capacity}, or give the pool more KV memory (GPU, tp, "
+                         f"gpu_memory_utilization)")
+    if not args.enable_chunked_prefill and n > args.max_num_batched_tokens:
+        raise ValueError(f"pool '{pool}': with chunked prefill off, max_model_len={n} must be <= "
+                         f"max_num_batched_tokens={args.max_num_batched_tokens} (a prompt is computed in one step)")
+    return n
 
 
 def cold_start_s(cfg: ClusterConfig, pool: str) -> float:

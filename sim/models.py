@@ -54,6 +54,7 @@ class Model:
     vocab_size: int
     tie_word_embeddings: bool
     dtype_bytes: int
+    max_position_embeddings: int  # the context window: vLLM's default max_model_len
     gated_mlp: bool = True
     norms_per_layer: int = 2
 
@@ -108,6 +109,18 @@ def _require(cfg: dict, field: str, source: str) -> int:
     return value
 
 
+# config.json fields that give the context window, in the order vLLM's _get_and_verify_max_len reads them.
+CONTEXT_WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                         "model_max_length")
+
+
+def _context_window(cfg: dict, source: str) -> int:
+    for field in CONTEXT_WINDOW_FIELDS:
+        if field in cfg:
+            return _require(cfg, field, source)
+    raise ValueError(f"{source}: no context window: none of the fields {', '.join(CONTEXT_WINDOW_FIELDS)} is set")
+
+
 def model_from_config(cfg: dict, name: str, source: str = "config.json") -> Model:
     """Build a Model from the fields of a Hugging Face config.json (`source` names the file in errors)."""
     model_type = cfg.get("model_type", "")
@@ -132,6 +145,7 @@ def model_from_config(cfg: dict, name: str, source: str = "config.json") -> Mode
         head_dim=head_dim,
         intermediate_size=intermediate,
         vocab_size=_require(cfg, "vocab_size", source),
+        max_position_embeddings=_context_window(cfg, source),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         dtype_bytes=DTYPE_BYTES[dtype],
         gated_mlp=model_type not in NON_GATED_MLP,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from frontend.engine_args import EngineArgs
 from policies.api import ScaleAction
 from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, Simulation, cold_start_s, simulate
@@ -88,3 +89,29 @@ def test_simulation_can_be_advanced_interval_by_interval():
         t += 7.0
     stepped = sim.result().requests
     assert np.array_equal(whole["finish_s"].to_numpy(), stepped["finish_s"].to_numpy())
+
+
+def test_a_call_longer_than_max_model_len_is_rejected_and_the_run_goes_on():
+    """As vLLM's API refuses it: counted as rejected with a failure row; its dependents are still released."""
+    t = make_table({"request_id": [0, 1, 2], "arrival_s": [0.0, 0.0, 0.0], "input_tokens": [100, 2000, 100],
+                    "output_tokens": [10, 100, 10], "parents": [[], [], [1]], "job_id": [0, 1, 1]})
+    cfg = small_cfg(engine=EngineArgs(max_model_len=2048))
+    res = simulate(t, cfg, make_router("round_robin"))
+    r = res.requests.set_index("request_id")
+    assert list(r["status"]) == ["ok", "rejected", "ok"]
+    assert r.loc[2, "release_s"] == r.loc[1, "finish_s"] == 0.0
+    assert list(res.failures["kind"]) == ["call_rejected"] and "max_model_len=2048" in res.failures["detail"][0]
+    # 2000 + 48 tokens fit exactly
+    t2 = t.assign(output_tokens=[10, 48, 10])
+    assert (simulate(t2, cfg, make_router("round_robin")).requests["status"] == "ok").all()
+
+
+def test_a_context_window_the_kv_cache_cannot_hold_is_refused_as_vllm_refuses_to_start():
+    t = make_table({"request_id": [0], "arrival_s": [0.0], "input_tokens": [10], "output_tokens": [1]})
+    with pytest.raises(ValueError, match="max_model_len=131072 tokens do not fit its KV cache of 1000 blocks"):
+        simulate(t, small_cfg(engine=EngineArgs(num_gpu_blocks_override=1000)), make_router("round_robin"))
+    ok = small_cfg(engine=EngineArgs(num_gpu_blocks_override=1000, max_model_len=15985))
+    assert (simulate(t, ok, make_router("round_robin")).requests["status"] == "ok").all()
+    with pytest.raises(ValueError, match="15986 tokens do not fit"):
+        simulate(t, small_cfg(engine=EngineArgs(num_gpu_blocks_override=1000, max_model_len=15986)),
+                 make_router("round_robin"))

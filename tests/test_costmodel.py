@@ -210,10 +210,12 @@ def test_config_json_by_path(tmp_path):
         "num_attention_heads": 8,
         "vocab_size": 1000,
         "torch_dtype": "bfloat16",
+        "n_positions": 2048,
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = load_model(tmp_path)
-    assert (model.name, model.num_kv_heads, model.head_dim) == (tmp_path.name, 8, 64)
+    assert (model.name, model.num_kv_heads, model.head_dim, model.max_position_embeddings) == (
+        tmp_path.name, 8, 64, 2048)
     assert load_model(tmp_path / "config.json") == model
 
 

@@ -600,6 +600,21 @@ def test_an_experiment_point_runs_on_real_servers_into_the_simulators_summary(se
 
 @pytest.mark.real
 @requires_vllm
+def test_a_call_longer_than_the_servers_window_is_rejected_like_in_the_simulator(servers, tiny_cfg):
+    """The front end refuses it before sending (vLLM's API would answer 400); the other calls run."""
+    cfg = _attach(tiny_cfg, servers)
+    table = make_table({"request_id": [0, 1, 2], "arrival_s": [0.0, 0.0, 0.1], "input_tokens": [100, 2040, 100],
+                        "output_tokens": [4, 9, 4], "parents": [[], [], [1]]})
+    res = real.execute(table, cfg, make_router("round_robin"))
+    assert list(res.requests["status"]) == ["ok", "rejected", "ok"]
+    assert list(res.failures["kind"]) == ["call_rejected"]
+    sim_cfg = ClusterConfig(gpu="a100-80gb", num_gpus=2, pools=(PoolConfig(model="tiny-llama", initial_replicas=2),),
+                            engine=cfg.engine)
+    assert list(simulate(table, sim_cfg, make_router("round_robin")).requests["status"]) == ["ok", "rejected", "ok"]
+
+
+@pytest.mark.real
+@requires_vllm
 def test_a_server_killed_mid_run_fails_its_inflight_calls_and_the_run_completes(servers, tiny_cfg):
     victim = servers[1][1]
     cfg = _attach(tiny_cfg, servers)
