@@ -27,7 +27,7 @@ from policies.api import ROUTERS, SCALERS, make_router, make_scaler
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.workflow import make_workload
 
-WORKLOAD = "coding-assistant"
+WORKLOAD = "coding-assistant-chat"
 CLAIM_MS = 2.0
 
 
