@@ -1,8 +1,8 @@
 """Compaction: what an agent harness does when a conversation outgrows the model's context window.
 
 Agent harnesses do not keep the first N tokens of a prompt. When the conversation no longer fits (or earlier,
-at their own threshold: Claude Code compacts at about 150 K tokens of its 200 K window) they keep the system
-prompt and the most recent turns and replace the middle by a summary the model wrote. The next prompt starts
+at their own threshold, as Claude Code does) they keep the system prompt and the most recent turns and replace
+the middle by a summary the model wrote. The next prompt starts
 like the old one (the system prompt still hits the prefix cache) and then differs: the cache misses once, and
 later calls of the conversation extend the compacted prompt and hit again.
 
@@ -15,8 +15,9 @@ workflow generator (on prompt segments):
 - its prompt becomes *head + summary + recent*: the head (system prompt and static context, rounded down to
   whole blocks), a summary (a new block run) and the conversation's most recent tokens (from a block boundary
   to the end, so the call's own new input stays). Summary and recent share a body of the agent's fitted
-  ``compacted_tokens``, at most (and by default) ``context_limit_tokens // 8``, about what the Claude Code v8
-  sessions keep (a median 20 K tokens after the system prompt when they compact at 150 K), half each;
+  ``compacted_tokens``, at most (and by default) ``context_limit_tokens // 8``, about the share of the old
+  prompt the Claude Code harness keeps beyond its system prompt (``python -m traces.fit --show``:
+  compacted_p50 / compact_at_p50), half each (the summary at least one block);
 - a call that does not fit even then (head + body + output > limit) is refused: a ``WorkloadError`` names it.
   Recorded traces are what they are: there (``strict=False``) such a call is compacted as far as the rule goes
   and kept, for the engine to refuse as vLLM would, and the loaders count it in ``attrs["over_limit_calls"]``.
@@ -90,7 +91,7 @@ def compact_prompt(hashes: np.ndarray, n_in: int, n_out: int, block: int, limit:
     if p is None:
         return hashes, n_in, next_id
     summary = np.arange(next_id, next_id + p.summary // block, dtype=np.int64)
-    tail = np.asarray(hashes[(n_in - p.recent) // block:], dtype=np.int64) if len(hashes) else hashes
+    tail = np.asarray(hashes[-(-(n_in - p.recent) // block):], dtype=np.int64) if len(hashes) else hashes
     out = np.concatenate([summary, tail]) if len(hashes) else hashes
     return out, p.length, next_id + len(summary)
 
@@ -115,14 +116,13 @@ def compact_session(s, limit: int | None, next_id: int) -> int:
         h, n_in, n_out = original[i], int(s.input_tokens[i]), int(s.output_tokens[i])
         b, c = 0, np.zeros(0, np.int64)
         p = -1 if s.continues is None else int(s.continues[i])
-        if p >= 0 and state[p][0] and len(h) >= state[p][0] and np.array_equal(h[:state[p][0]],
-                                                                               original[p][:state[p][0]]):
-            b, c = state[p]
+        if p >= 0 and state[p][0] and np.array_equal(h[:state[p][0]], original[p][:state[p][0]]):
+            b, c = state[p]  # the call extends its compacted predecessor
         cur = np.concatenate([c, h[b:]]) if b else h
         cur_n = len(c) * block + n_in - b * block
         step = plan(cur_n, n_out, int(heads[i]), block, limit, strict=False)
         if step is not None:
-            k = (cur_n - step.recent) // block  # first kept block of the current prompt
+            k = -(-(cur_n - step.recent) // block)  # first kept block of the current prompt
             summary = np.arange(next_id, next_id + step.summary // block, dtype=np.int64)
             next_id += len(summary)
             b += max(0, k - len(c))  # the recent tail starts in the original ids ...

@@ -3,28 +3,31 @@
 ``fit_shapes(sessions)`` learns, per agent role, what a serving layer sees of an agent: its static prefix
 (tool definitions + system prompt), the first prompt after that prefix, how the context grows per turn (tool
 results and user messages appended beyond the previous prompt and reply), output lengths, the tool time before
-a call that answers a tool call, the human time before a user turn, turns per conversation, and how often and
-how wide it fans out to sub-agents. Roles come from the session structure: conversations that start a session
-are ``main``, conversations spawned by another call are ``subagent`` (``by_agent=True`` splits them by the
-trace's agent names instead: Explore, Plan, ...; 63 sub-agents in v8 are too few to fit each type apart).
+a call that answers a tool call, the human time before a user turn, turns per conversation, where the harness
+compacts, and how often and how wide it fans out to sub-agents. Roles come from the session structure:
+conversations that start a session are ``main``, conversations spawned by another call are ``subagent``
+(``by_agent=True`` splits them by the trace's agent names instead, Explore, Plan, ...: too few of each in the
+traces to fit them apart).
 
-``python -m traces.fit`` rewrites the three agent workflows from the Claude Code v8 sessions (every number in
-them is fitted, except the scale and the team's fix loop, stated below and in each file):
+``python -m traces.fit`` rewrites the three agent workflows from the Claude Code v8 sessions (the largest,
+curated set). Every number in them is fitted, except the scale and the team's fix loop, stated here and in
+each file's description:
 
 - ``claude-code``: the sessions as recorded (a main loop with sub-agent batches, think times as recorded,
-  including human time; the harness's own compaction at its fitted threshold).
-- ``coding-assistant``: the same agent served as a coding-assistant service for an open model: token sizes
-  times ``CODING_SCALE`` (1/8: a ~1.9 K-token system prompt, contexts compacted at ~19 K as Claude Code compacts
-  at ~150 K, outputs of tens of tokens), the input:output ratio of the trace kept. Think time is tool time only:
-  the human time before user turns is left out, and so are main-agent tool waits longer than the longest wait
-  of any (autonomous) sub-agent, 133 s in v8 (5 % of them; Claude Code asks the user before running most tools,
-  so these are approvals and idle time, 40 % of the main agent's tool time).
-- ``software-team``: a SWE-style team on one issue, planner -> coder -> tester (parallel) -> reviewer, with a
-  reviewer -> coder fix loop. The coder is the fitted main agent, planner, testers and reviewer are fitted
-  sub-agents (their fan-out is the testers'), at the same scale. The fix loop (geometric, mean 1.5, at most 3
-  rounds) is assumed: no trace records one.
+  human time included, the harness's own compaction threshold).
+- ``coding-assistant``: the same agent served as a coding-assistant service on an open model. Token sizes are
+  the trace's times ``CODING_SCALE``: Claude's tool definitions and 200 K-token window are about 8x what an
+  open 8B model's harness and a 40 GB replica hold, and one factor for inputs and outputs keeps the trace's
+  input:output ratio and per-session structure (``scale_workflow`` / ``scale_to_means`` move it elsewhere, e.g.
+  to the paper's ~2 K-token prompts). Think time is tool time only: the human time before user turns is not
+  the service's work, and neither are main-agent tool waits longer than any autonomous (sub-agent) tool wait:
+  Claude Code asks the user before it runs most tools, so those are approvals and idle time.
+- ``software-team``: a SWE-style team on one issue, planner -> coder -> testers (parallel) -> reviewer, with a
+  reviewer -> coder fix loop. The coder is the fitted main agent; planner, testers and reviewer are fitted
+  sub-agents (the sub-agents' fan-out is the testers'), at the same scale. The fix loop (geometric, mean 1.5,
+  at most 3 rounds) is assumed: no trace records one.
 
-``python -m traces.fit --trace claude-code-v6 --show`` (or ``tracelab``, ``--by-agent``) prints the shapes.
+``python -m traces.fit --show`` (``--trace claude-code-v6`` or ``tracelab``, ``--by-agent``) prints the shapes.
 """
 
 from __future__ import annotations
@@ -67,17 +70,26 @@ class RoleShape:
     batches: list[int] = field(default_factory=list)  # conversations started by one spawning call (fan-out)
     spawning_calls: int = 0  # calls of the spawning role (batches per such call = the spawn probability)
 
-    def summary(self) -> dict:
+    def summary(self, tool_cap: float | None = None) -> dict:
+        """Medians and means of the samples; with ``tool_cap``, the share of tool waits (and of their time)
+        above it."""
         med = lambda x: float(np.median(x)) if len(x) else float("nan")  # noqa: E731
         mean = lambda x: float(np.mean(x)) if len(x) else float("nan")  # noqa: E731
-        return {"role": self.role, "conversations": len(self.turns), "calls": len(self.output),
-                "system_p50": med(self.system), "initial_p50": med(self.initial), "growth_mean": mean(self.growth),
-                "growth_p50": med(self.growth), "prompt_mean": mean(self.inputs), "output_mean": mean(self.output),
-                "output_p50": med(self.output), "in_over_out": sum(self.inputs) / max(sum(self.output), 1),
-                "tool_s_p50": med(self.tool_s), "tool_s_mean": mean(self.tool_s), "user_s_p50": med(self.user_s),
-                "turns_p50": med(self.turns), "turns_mean": mean(self.turns), "compactions": len(self.compactions),
-                "fan_out_mean": mean(self.batches),
-                "spawn_probability": len(self.batches) / self.spawning_calls if self.spawning_calls else 0.0}
+        out = {"role": self.role, "conversations": len(self.turns), "calls": len(self.output),
+               "system_p50": med(self.system), "initial_p50": med(self.initial), "growth_mean": mean(self.growth),
+               "growth_p50": med(self.growth), "prompt_mean": mean(self.inputs), "output_mean": mean(self.output),
+               "output_p50": med(self.output), "in_over_out": sum(self.inputs) / max(sum(self.output), 1),
+               "tool_s_p50": med(self.tool_s), "tool_s_mean": mean(self.tool_s), "tool_s_max": max(self.tool_s,
+                                                                                                    default=0.0),
+               "user_s_p50": med(self.user_s), "turns_p50": med(self.turns), "turns_mean": mean(self.turns),
+               "compactions": len(self.compactions), "compact_at_p50": med([a for a, _ in self.compactions]),
+               "compacted_p50": med([b for _, b in self.compactions]), "fan_out_mean": mean(self.batches),
+               "spawn_probability": len(self.batches) / self.spawning_calls if self.spawning_calls else 0.0}
+        if tool_cap is not None and self.tool_s:
+            waits = np.asarray(self.tool_s)
+            out["tool_waits_over_cap"] = float((waits > tool_cap).mean())
+            out["tool_time_over_cap"] = float(waits[waits > tool_cap].sum() / max(waits.sum(), 1e-9))
+        return out
 
 
 def _conversations(s: Session) -> list[list[int]]:
@@ -143,11 +155,11 @@ def fit_shapes(sessions: list[Session], by_agent: bool = False) -> dict[str, Rol
                 shapes[key[0]].spawned_by = role_of_call[spawners[0]]
         for (role, _), n in batches.items():
             shapes[role].batches.append(n)
-        for r in shapes.values():
-            if r.spawned_by is not None:
-                r.spawning_calls += sum(role_of_call[i] == r.spawned_by for i in range(len(s)))
     if not shapes:
         raise WorkloadError("fit_shapes: no sessions to fit")
+    for r in shapes.values():
+        if r.spawned_by is not None:
+            r.spawning_calls = len(shapes[r.spawned_by].output)
     return shapes
 
 
@@ -219,10 +231,11 @@ def fit_workflows(sessions: list[Session], trace: str) -> dict[str, Workflow]:
             raise WorkloadError(f"trace '{trace}': no {needed} conversations to fit (roles found: {sorted(shapes)})")
     block = int(sessions[0].hash_block_size)
     calls = sum(len(s) for s in sessions)
-    fitted = f"Fitted by traces/fit.py to {len(sessions)} sessions of {trace} ({calls} calls)"
+    fitted = f"fitted by traces/fit.py to {len(sessions)} sessions of {trace} ({calls} calls)"
     cap = max(shapes["subagent"].tool_s)  # the longest tool wait of an agent that never waits for a human
     scale = f"token sizes x {CODING_SCALE:g}, tool time only (tool waits up to {cap:g} s, the longest sub-agent wait)"
-    claude = agent_session_workflow(shapes, "claude-code", f"{fitted}. Do not edit by hand.", None, block)
+    claude = agent_session_workflow(shapes, "claude-code", f"Claude Code sessions as recorded, {fitted}. Do not "
+                                                           f"edit by hand.", None, block)
     coding = agent_session_workflow(shapes, "coding-assistant", f"A coding agent served for an open model: {fitted}, "
                                                                 f"{scale}. Do not edit by hand.", cap, block)
     team = software_team_workflow(shapes, f"SWE-style team: planner -> coder -> testers -> reviewer with a fix loop; "
@@ -268,8 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sessions, _ = read_sessions(args.trace)
     if args.show:
-        for r in fit_shapes(sessions, by_agent=args.by_agent).values():
-            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.summary().items()))
+        shapes = fit_shapes(sessions, by_agent=args.by_agent)
+        cap = max((x for r in shapes.values() if r.spawned_by is not None for x in r.tool_s), default=None)
+        for r in shapes.values():
+            summary = r.summary(cap if r.spawned_by is None else None)
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
         return
     for name, wf in fit_workflows(sessions, args.trace).items():
         write(wf, args.out / f"{name}.yaml")

@@ -468,7 +468,7 @@ def trace_path(name: str) -> Path:
 
 
 def read_sessions(name: str, max_sessions: int | None = None) -> tuple[list[Session], dict]:
-    """The sessions of an agent trace on their own clocks (used by the Claude Code workflow fitter)."""
+    """The sessions of an agent trace on their own clocks, as recorded (no compaction; used by traces.fit)."""
     path = trace_path(name)
     if not TRACES[name].sessions:
         raise WorkloadError(f"{path}: trace '{name}' is a request trace (one row per call, no session, agent or "

@@ -644,6 +644,8 @@ def make_workload(name: str | Workflow, *, rate: float | None = None,
 # ---------------------------------------------------------------------------------------------------
 # Rescaling (the same structure at another prompt / output size)
 
+SCALE_ITERATIONS = 12  # corrections scale_to_means tries before it gives up
+
 
 def scale_workflow(wf: Workflow, input_scale: float = 1.0, output_scale: float = 1.0,
                    tool_time_scale: float = 1.0, name: str | None = None) -> Workflow:
@@ -672,23 +674,24 @@ def scale_to_means(wf: Workflow, mean_input_tokens: float, mean_output_tokens: f
                    seed: int = 0, context_limit_tokens: int | None = DEFAULT_CONTEXT_LIMIT, rtol: float = 0.02,
                    name: str | None = None) -> Workflow:
     """``wf`` rescaled (``scale_workflow``) so that its calls' mean prompt and mean output length, measured on
-    ``num_jobs`` generated jobs, are within ``rtol`` of the targets. Prompts include earlier outputs and
-    compaction caps them, so the scales are found by a few multiplicative corrections, not in one step."""
+    ``num_jobs`` jobs (those ``generate`` samples with ``seed``), are within ``rtol`` of the targets. Prompts
+    include earlier outputs and compaction caps them, so the scales are found by a few multiplicative
+    corrections, not in one step."""
     where = f"scale_to_means('{wf.name}', {mean_input_tokens}, {mean_output_tokens})"
     if not (mean_input_tokens > 0 and mean_output_tokens > 0):
         raise WorkloadError(f"{where}: the target means must be > 0")
     s_in = s_out = 1.0
-    for _ in range(_SCALE_ITERATIONS):
+    for _ in range(SCALE_ITERATIONS):
         scaled = scale_workflow(wf, s_in, s_out, name=name)
-        df = generate(scaled, Poisson(1.0), num_jobs=num_jobs, seed=seed, context_limit_tokens=context_limit_tokens)
-        got_in, got_out = float(df["input_tokens"].mean()), float(df["output_tokens"].mean())
+        jobs = sample_jobs(scaled, num_jobs, seed, context_limit_tokens)
+        calls = sum(len(s) for s in jobs)
+        got_in = sum(int(s.input_tokens.sum()) for s in jobs) / calls
+        got_out = sum(int(s.output_tokens.sum()) for s in jobs) / calls
         if abs(got_in / mean_input_tokens - 1) <= rtol and abs(got_out / mean_output_tokens - 1) <= rtol:
             return scaled
+        tried = (s_in, s_out)
         s_in *= mean_input_tokens / got_in
         s_out *= mean_output_tokens / got_out
     raise WorkloadError(f"{where}: no scale reaches these means (last: mean prompt {got_in:.0f}, mean output "
-                        f"{got_out:.1f} at input_scale {s_in:.4g}, output_scale {s_out:.4g}); prompts contain "
+                        f"{got_out:.1f} at input_scale {tried[0]:.4g}, output_scale {tried[1]:.4g}); prompts contain "
                         f"earlier outputs and compaction caps them at context_limit_tokens={context_limit_tokens}")
-
-
-_SCALE_ITERATIONS = 12
