@@ -4,6 +4,7 @@ with no prefix cache and with an infinite one.
 ``python -m sim.characterize coding-assistant software-team claude-code claude-code-v8 --gpu a100-40gb
 --model llama-3.1-8b --gpus 8`` prints one row per workload (shipped workflow or shared trace), generated or
 loaded with the model's context window as ``context_limit_tokens`` (so over-long conversations are compacted).
+``--scale-to 2048,20`` first rescales each workflow to that mean prompt and output (``scale_to_means``).
 
 The accounting is of a saturated replica in steady state, through the cost model's ``step_time`` only: every
 step decodes one token for each of ``B`` running sequences and carries one chunk of prefill (chunked prefill,
@@ -40,7 +41,7 @@ from sim.models import MODELS, MODELS_DIR, num_gpu_blocks
 from traces.characterize import prefix_hits
 from traces.loaders import TRACES
 from traces.schema import WorkloadError
-from traces.workflow import make_workload
+from traces.workflow import load_workflow, make_workload, scale_to_means
 
 DEFAULT_MODEL = "llama-3.1-8b"
 PAPER_CALLS_PER_S, PAPER_GPUS = 132.0, 8  # Pythia's throughput target on 8 GPUs (MISSION.md)
@@ -63,7 +64,8 @@ def model_context_limit(model: str) -> int:
 
 @dataclass(frozen=True)
 class Engine:
-    """The engine knobs the accounting needs (vLLM's names and the simulated cluster's defaults)."""
+    """The engine knobs the accounting needs, with vLLM's names and the simulated cluster's defaults (the
+    fields of the front end's ``EngineArgs`` of the same names)."""
 
     block_size: int = 16
     max_num_seqs: int = 256
@@ -138,11 +140,19 @@ def operating_point(df: pd.DataFrame, name: str, cm: CostModel, num_gpus: int, e
         max_calls_per_s_no_cache=replicas / per_call["no"], max_calls_per_s_inf_cache=replicas / per_call["inf"])
 
 
-def workload(name: str, context_limit_tokens: int, num_jobs: int, seed: int) -> pd.DataFrame:
-    """A shipped workflow (``num_jobs`` jobs) or a whole shared trace, fitted to the model's window."""
+def workload(name: str, context_limit_tokens: int, num_jobs: int, seed: int,
+             scale_to: tuple[float, float] | None = None) -> tuple[str, pd.DataFrame]:
+    """A shipped workflow (``num_jobs`` jobs, rescaled to the mean prompt and output ``scale_to``) or a whole
+    shared trace, fitted to the model's window: (label, table)."""
     if name in TRACES:
-        return make_workload(name, seed=seed, context_limit_tokens=context_limit_tokens)
-    return make_workload(name, num_jobs=num_jobs, seed=seed, context_limit_tokens=context_limit_tokens)
+        if scale_to is not None:
+            raise WorkloadError(f"'{name}' is a recorded trace: only workflows can be rescaled (--scale-to)")
+        return name, make_workload(name, seed=seed, context_limit_tokens=context_limit_tokens)
+    wf = load_workflow(name)
+    if scale_to is not None:
+        wf = scale_to_means(wf, *scale_to, num_jobs=num_jobs, seed=seed, context_limit_tokens=context_limit_tokens,
+                            name=f"{name} @ {scale_to[0]:g}/{scale_to[1]:g}")
+    return wf.name, make_workload(wf, num_jobs=num_jobs, seed=seed, context_limit_tokens=context_limit_tokens)
 
 
 def format_table(points: Sequence[OperatingPoint]) -> str:
@@ -172,14 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="context window in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--num-jobs", type=int, default=200, help="jobs generated per workflow")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale-to", metavar="PROMPT,OUTPUT", default=None,
+                        help="rescale each workflow to this mean prompt and mean output (tokens), e.g. 2048,20")
     parser.add_argument("--json", action="store_true", help="print one JSON object per workload instead")
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.num_jobs < 1:
         parser.error(f"--gpus and --num-jobs must be >= 1 (got {args.gpus}, {args.num_jobs})")
     try:
+        scale_to = None if args.scale_to is None else tuple(float(x) for x in args.scale_to.split(","))
+    except ValueError:
+        scale_to = ()
+    if scale_to is not None and len(scale_to) != 2:
+        parser.error(f"--scale-to {args.scale_to!r}: expected PROMPT,OUTPUT mean tokens, e.g. 2048,20")
+    try:
         cm = make_cost_model(args.gpu, args.model, args.tp)
         limit = args.context_limit or model_context_limit(args.model)
-        points = [operating_point(workload(n, limit, args.num_jobs, args.seed), n, cm, args.gpus) for n in args.names]
+        points = [operating_point(table, label, cm, args.gpus) for label, table in
+                  (workload(n, limit, args.num_jobs, args.seed, scale_to) for n in args.names)]
     except (ValueError, WorkloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,10 @@ def test_model_window_and_command_line(capsys, tmp_path):
     assert main(["coding-assistant", "--num-jobs", "5"]) == 0
     out = capsys.readouterr().out
     assert "context limit 131,072 tokens" in out and "| coding-assistant | " in out and "61 ms" in out
+    assert main(["software-team", "--num-jobs", "20", "--scale-to", "2048,20"]) == 0  # the paper's ~2 K prompts
+    assert "| software-team @ 2048/20 | " in capsys.readouterr().out
+    assert main(["claude-code-v8", "--scale-to", "2048,20"]) == 2
+    assert "only workflows can be rescaled" in capsys.readouterr().err
     # the agent workflow's system prompt, summary and longest outputs do not fit Llama-2-7B's 4 K window
     assert main(["coding-assistant", "--num-jobs", "5", "--model", "llama-2-7b"]) == 2
     err = capsys.readouterr().err

@@ -16,12 +16,13 @@ each file's description:
 - ``claude-code``: the sessions as recorded (a main loop with sub-agent batches, think times as recorded,
   human time included, the harness's own compaction threshold).
 - ``coding-assistant``: the same agent served as a coding-assistant service on an open model. Token sizes are
-  the trace's times ``CODING_SCALE``: Claude's tool definitions and 200 K-token window are about 8x what an
-  open 8B model's harness and a 40 GB replica hold, and one factor for inputs and outputs keeps the trace's
-  input:output ratio and per-session structure (``scale_workflow`` / ``scale_to_means`` move it elsewhere, e.g.
-  to the paper's ~2 K-token prompts). Think time is tool time only: the human time before user turns is not
-  the service's work, and neither are main-agent tool waits longer than any autonomous (sub-agent) tool wait:
-  Claude Code asks the user before it runs most tools, so those are approvals and idle time.
+  the trace's times ``CODING_SCALE`` (a choice, not a fit): at Claude's own sizes one 40 GB replica of an 8B
+  model holds the KV of a couple of conversations, at 1/8 of many, so placement matters, while the calls stay
+  agent-like; one factor for inputs and outputs keeps the trace's input:output ratio and per-session structure
+  (``scale_workflow`` / ``scale_to_means`` move it elsewhere, e.g. to the paper's ~2 K-token prompts). Think
+  time is tool time only: the human time before user turns is not the service's work, and neither are
+  main-agent tool waits longer than any autonomous (sub-agent) tool wait: Claude Code asks the user before it
+  runs most tools, so those are approvals and idle time.
 - ``software-team``: a SWE-style team on one issue, planner -> coder -> testers (parallel) -> reviewer, with a
   reviewer -> coder fix loop. The coder is the fitted main agent; planner, testers and reviewer are fitted
   sub-agents (the sub-agents' fan-out is the testers'), at the same scale. The fix loop (geometric, mean 1.5,
