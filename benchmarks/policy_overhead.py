@@ -1,5 +1,5 @@
 """Policy decision overhead: wall time of every router's ``route()`` per call and every scaler's ``decide()`` per
-control interval, at the paper's reference load (coding-assistant workflow, 1 job/s, 8 x A100-40GB, Llama-3.1-8B).
+control interval, at the paper's reference load (coding-assistant-chat workflow, 1 job/s, 8 x A100-40GB, Llama-3.1-8B).
 
 The paper claims its interface decides in under 2 ms. The decisions are timed by a proxy around the policy object,
 so the simulator itself records no wall times and its results stay bit-identical; the real executor records the
@@ -27,7 +27,7 @@ from policies.registry import ROUTERS, SCALERS, make_router, make_scaler
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.workflow import make_workload
 
-WORKLOAD = "coding-assistant"
+WORKLOAD = "coding-assistant-chat"
 CLAIM_MS = 2.0
 
 

@@ -141,9 +141,9 @@ def write(table: pd.DataFrame, out: Path, name: str) -> None:
 
 # The two paper-like workloads, the offered loads (jobs/s) swept for them, and the reference load at which
 # single-load metrics (latency, hit rate, memory spread, JCT) are compared.
-WORKLOADS = ("coding-assistant", "software-team")
-LOADS = {"coding-assistant": (0.5, 1.0, 1.5, 2.0), "software-team": (0.25, 0.5, 0.75, 1.0)}
-REFERENCE_LOAD = {"coding-assistant": 1.0, "software-team": 0.5}
+WORKLOADS = ("coding-assistant-chat", "software-team-chat")
+LOADS = {"coding-assistant-chat": (0.5, 1.0, 1.5, 2.0), "software-team-chat": (0.25, 0.5, 0.75, 1.0)}
+REFERENCE_LOAD = {"coding-assistant-chat": 1.0, "software-team-chat": 0.5}
 
 
 def loads(workload: str, quick: bool) -> tuple[float, ...]:

@@ -29,14 +29,14 @@ class Spec:
 def _specs(quick: bool, seed: int) -> list[Spec]:
     dur = 120.0 if quick else 600.0
     return [
-        Spec("coding-assistant", "coding-assistant (workflow)",
-             (("duration_s", dur), ("rate", REFERENCE_LOAD["coding-assistant"]), ("seed", seed))),
-        Spec("software-team", "software-team (workflow)",
-             (("duration_s", dur), ("rate", REFERENCE_LOAD["software-team"]), ("seed", seed))),
+        Spec("coding-assistant-chat", "coding-assistant (workflow)",
+             (("duration_s", dur), ("rate", REFERENCE_LOAD["coding-assistant-chat"]), ("seed", seed))),
+        Spec("software-team-chat", "software-team (workflow)",
+             (("duration_s", dur), ("rate", REFERENCE_LOAD["software-team-chat"]), ("seed", seed))),
         Spec("mooncake-conversation", "Mooncake conversation (trace)",
              (("rate_scale", 0.5), ("seed", seed), ("window_s", (0.0, dur)))),
         Spec("claude-code-v8", "Claude Code v8 sessions (trace)",
-             (("max_input_tokens", 32768), ("max_sessions", 20 if quick else 80), ("max_think_s", 60.0),
+             (("context_limit_tokens", 32768), ("max_sessions", 20 if quick else 80), ("max_think_s", 60.0),
               ("rate", 0.05), ("seed", seed))),
     ]
 

@@ -47,8 +47,10 @@ SAMPLE_INTERVAL_S = 0.25
 
 def workload(quick: bool, seed: int) -> pd.DataFrame:
     """The coding-assistant workflow at tiny-model scale (a few dozen calls; --quick about half as many)."""
-    table = make_workload("coding-assistant", rate=JOB_RATE, num_jobs=5 if quick else 12, seed=seed,
-                          max_input_tokens=MAX_INPUT_TOKENS)
+    table = make_workload("coding-assistant-chat", rate=JOB_RATE, num_jobs=5 if quick else 12, seed=seed)
+    table["input_tokens"] = np.minimum(table["input_tokens"], MAX_INPUT_TOKENS)  # the first tokens fit the tiny model
+    table["block_hashes"] = [h[:-(-MAX_INPUT_TOKENS // b)] for h, b in zip(table["block_hashes"],
+                                                                             table["hash_block_size"], strict=True)]
     out = np.ceil(table["output_tokens"].to_numpy() * OUTPUT_SCALE).astype(np.int64)
     room = ENGINE.max_model_len - table["input_tokens"].to_numpy()
     table["output_tokens"] = np.clip(out, 1, np.minimum(MAX_OUTPUT_TOKENS, room))

@@ -77,7 +77,7 @@ class EnvConfig:
     # a scaler gains by reading the load (with narrower ranges one constant count is nearly optimal)
     trace_rate_scale: tuple[float, float] = (0.25, 2.0)  # the window is replayed this much faster
     trace_slo_s: float = 10.0
-    workflow: str = "coding-assistant"
+    workflow: str = "coding-assistant-chat"
     workflow_rate: tuple[float, float] = (0.0, 0.6)  # mean jobs/s; 0 disables the workflow
     # action and reward
     residual_of: str | None = "pythia"  # the scaler whose targets the agent corrects; None: absolute counts

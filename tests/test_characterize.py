@@ -57,12 +57,13 @@ def test_cdf_burstiness_and_dependencies():
     assert b["per_10s"]["max_over_mean"] == 1.0 and b["per_60s"]["max"] == 120
     lengths = length_stats(regular)
     assert lengths["input_tokens"]["p50"] == 1 and lengths["output_tokens"]["max"] == 1
+    assert lengths["input_over_output"] == 1.0
     assert characterize(df)["calls_with_no_hit"] == 0.5
 
 
 @pytest.mark.parametrize("name,hit", [("mooncake-conversation", 0.374), ("mooncake-synthetic", 0.651)])
 def test_mooncake_matches_readme(name, hit):
-    c = characterize(load_trace(name))
+    c = characterize(load_trace(name, context_limit_tokens=None))  # the README describes the files as recorded
     assert c["prefix_hit_bound"] == pytest.approx(hit, abs=0.0005)
     assert c["input_tokens"]["p50"] == {"mooncake-conversation": 6909, "mooncake-synthetic": 11587}[name]
     if name == "mooncake-conversation":
@@ -88,7 +89,7 @@ def test_azure_burstiness_matches_readme():
 
 
 def test_claude_code_v8_within_session_hit_matches_readme():
-    df = load_trace("claude-code-v8")
+    df = load_trace("claude-code-v8", context_limit_tokens=None)  # as recorded, no window
     assert len(df) == 49334
     assert prefix_hit_bound(df, within_session=True) == pytest.approx(0.963, abs=0.0005)
     assert float(np.percentile(df["input_tokens"], 50)) == pytest.approx(103659, abs=1)
@@ -97,6 +98,6 @@ def test_claude_code_v8_within_session_hit_matches_readme():
 
 def test_claude_code_v6_as_recorded_matches_readme():
     """The README's v6 figures are for the set as recorded (stream/non-stream copies included)."""
-    df = load_trace("claude-code-v6-raw")
+    df = load_trace("claude-code-v6-raw", context_limit_tokens=None)
     assert len(df) == 51216 and df.attrs["merged_duplicates"] == 0
     assert prefix_hit_bound(df, within_session=True) == pytest.approx(0.975, abs=0.0005)

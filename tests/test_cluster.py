@@ -31,7 +31,7 @@ def test_dependent_calls_wait_for_parents_plus_think_time():
 
 
 def test_same_inputs_give_bit_identical_results():
-    table = make_workload("coding-assistant", rate=0.5, duration_s=60, seed=3)
+    table = make_workload("coding-assistant-chat", rate=0.5, duration_s=60, seed=3)
     runs = [simulate(table, ClusterConfig(), make_router("pythia")) for _ in range(2)]
     pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests, check_exact=True)
     pd.testing.assert_frame_equal(runs[0].timeseries, runs[1].timeseries, check_exact=True)
@@ -51,7 +51,7 @@ def test_scaler_is_clamped_to_the_gpus_and_cold_start_delays_service():
         def decide(self, obs):
             return ScaleAction({"default": 100})
 
-    table = make_workload("coding-assistant", rate=0.5, duration_s=60, seed=0)
+    table = make_workload("coding-assistant-chat", rate=0.5, duration_s=60, seed=0)
     cfg = ClusterConfig(num_gpus=4, pools=(PoolConfig(initial_replicas=1),), control_interval_s=5.0)
     res = simulate(table, cfg, make_router("round_robin"), Greedy())
     assert res.cluster["gpus_in_use"].max() == 4
@@ -81,7 +81,7 @@ def test_impossible_configs_are_refused_clearly():
 
 
 def test_simulation_can_be_advanced_interval_by_interval():
-    table = make_workload("coding-assistant", rate=0.5, duration_s=30, seed=1)
+    table = make_workload("coding-assistant-chat", rate=0.5, duration_s=30, seed=1)
     whole = simulate(table, ClusterConfig(), make_router("round_robin")).requests
     sim = Simulation(table, ClusterConfig(), make_router("round_robin"))
     t = 0.0

@@ -102,11 +102,11 @@ def test_session_placement_and_knobs():
     assert not np.array_equal(starts(base), starts(other))
     assert np.mean(np.diff(starts(base))) == pytest.approx(20, rel=0.5)  # Poisson at 0.05 sessions/s
 
-    capped = load_trace("claude-code-v8", max_sessions=30, session_rate=0.05, seed=1, max_input_tokens=8192,
+    capped = load_trace("claude-code-v8", max_sessions=30, session_rate=0.05, seed=1, context_limit_tokens=65536,
                         max_think_s=30)
-    assert capped["input_tokens"].max() == 8192 and capped["think_s"].max() <= 30
-    assert (capped["block_hashes"].map(len) <= 128).all()
-    assert [h[:5] for h in capped["block_hashes"]] == [h[:5] for h in base["block_hashes"]]
+    assert (capped["input_tokens"] + capped["output_tokens"]).max() <= 65536 and capped["think_s"].max() <= 30
+    assert capped.attrs["over_limit_calls"] == 0
+    assert [h[:5] for h in capped["block_hashes"]] == [h[:5] for h in base["block_hashes"]]  # the system prompt
 
     faster = load_trace("claude-code-v8", max_sessions=30, session_rate=0.05, seed=1, rate_scale=2.0)
     assert starts(faster) == pytest.approx(starts(base) / 2)
@@ -129,14 +129,18 @@ def test_request_trace_knobs():
     b = load_trace("mooncake-synthetic", sample_frac=0.25, seed=7)
     pd.testing.assert_frame_equal(a, b)
     assert 0.2 * 3993 < len(a) < 0.3 * 3993
-    capped = load_trace("mooncake-conversation", max_input_tokens=4096)
-    assert capped["input_tokens"].max() == 4096 and capped["block_hashes"].map(len).max() == 8
+    capped = load_trace("mooncake-conversation", context_limit_tokens=8192)
+    raw = load_trace("mooncake-conversation", context_limit_tokens=None)
+    long = (raw["input_tokens"] + raw["output_tokens"] > 8192).to_numpy()
+    assert (capped["input_tokens"] + capped["output_tokens"])[~long].equals((raw["input_tokens"] +
+                                                                             raw["output_tokens"])[~long])
+    assert capped["input_tokens"][long].max() <= 8192 and capped.attrs["over_limit_calls"] == 0
     validate(capped)
 
 
 @pytest.mark.parametrize("knobs,match", [
     ({"window_s": (10, 5)}, "window_s"), ({"rate_scale": 0}, "rate_scale"), ({"sample_frac": 1.5}, "sample_frac"),
-    ({"max_input_tokens": 0}, "max_input_tokens"), ({"session_rate": 1.0}, "agent-session traces only"),
+    ({"context_limit_tokens": 0}, "context_limit_tokens"), ({"session_rate": 1.0}, "agent-session traces only"),
 ])
 def test_bad_knobs(knobs, match):
     with pytest.raises(WorkloadError, match=match):

@@ -1,4 +1,4 @@
-"""workflow.yaml schema, the generator's prefix and dependency structure, hints, and the Claude Code fit."""
+"""workflow.yaml schema, the generator's prefix and dependency structure, hints, and rescaling."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ import yaml
 
 from traces.arrivals import onoff, poisson
 from traces.characterize import burstiness, prefix_hit_bound
-from traces.fit_claude_code import fit
-from traces.loaders import load_trace, read_sessions
+from traces.loaders import load_trace
 from traces.schema import WorkloadError, validate
-from traces.workflow import WORKFLOWS, generate, load_workflow, make_workload, parse_workflow
+from traces.workflow import (
+    WORKFLOWS,
+    generate,
+    load_workflow,
+    make_workload,
+    parse_workflow,
+    scale_to_means,
+    scale_workflow,
+)
 
 
-@pytest.mark.parametrize("name", ["coding-assistant", "software-team", "claude-code"])
+@pytest.mark.parametrize("name", ["coding-assistant", "software-team", "claude-code", "coding-assistant-chat",
+                                  "software-team-chat"])
 def test_shipped_workflows_generate_valid_deterministic_tables(name):
     assert name in WORKFLOWS
     wf = load_workflow(name)
@@ -32,9 +40,9 @@ def _rows(df: pd.DataFrame, job: int, agent: str) -> pd.DataFrame:
     return df[(df["job_id"] == job) & (df["agent"] == agent)]
 
 
-def test_coding_assistant_dag_loop_and_hints():
-    wf = load_workflow("coding-assistant")
-    df = make_workload("coding-assistant", rate=1.0, num_jobs=40, seed=0)
+def test_chat_coding_assistant_dag_loop_and_hints():
+    wf = load_workflow("coding-assistant-chat")
+    df = make_workload("coding-assistant-chat", rate=1.0, num_jobs=40, seed=0)
     pos = {r: k for k, r in enumerate(df["request_id"])}
     agent_of = lambda r: df["agent"].iat[pos[r]]  # noqa: E731
     iterations = []
@@ -57,8 +65,8 @@ def test_coding_assistant_dag_loop_and_hints():
 
 
 def test_prefix_blocks_follow_the_workflow():
-    df = make_workload("coding-assistant", rate=1.0, num_jobs=30, seed=1)
-    wf = load_workflow("coding-assistant")
+    df = make_workload("coding-assistant-chat", rate=1.0, num_jobs=30, seed=1)
+    wf = load_workflow("coding-assistant-chat")
     size = wf.hash_block_size
     # every fresh call of an agent starts with the agent's system prompt blocks, in every job
     for agent in ("planner", "linter", "tester", "reviewer"):
@@ -85,7 +93,7 @@ def test_prefix_blocks_follow_the_workflow():
 
 
 def test_context_first_layout_shares_job_context_across_agents():
-    data = yaml.safe_load(open(WORKFLOWS["coding-assistant"]).read())
+    data = yaml.safe_load(open(WORKFLOWS["coding-assistant-chat"]).read())
     wf_sys = parse_workflow(data)
     data["prompt_layout"] = "context-first"
     wf_ctx = parse_workflow(data)
@@ -103,11 +111,11 @@ def test_context_first_layout_shares_job_context_across_agents():
 
 
 def test_fan_out_skip_and_arrivals():
-    df = make_workload("software-team", arrivals=onoff(2.0, 0.05, 60, 240), duration_s=900, seed=3)
+    df = make_workload("software-team-chat", arrivals=onoff(2.0, 0.05, 60, 240), duration_s=900, seed=3)
     engineers = df[df["agent"] == "engineer"]
     lanes = engineers.groupby("job_id").apply(lambda g: (g["parents"].map(len) > 0).sum(), include_groups=False)
     assert lanes.min() >= 2
-    wf = load_workflow("software-team")  # the engineers of a job share system prompt + the job's design
+    wf = load_workflow("software-team-chat")  # the engineers of a job share system prompt + the job's design
     n_sys = wf.agents["engineer"].system_prompt_tokens // wf.hash_block_size
     for _, g in engineers.groupby("job_id"):
         blocks = np.array([h[:n_sys + 20] for h in g["block_hashes"]])
@@ -115,9 +123,9 @@ def test_fan_out_skip_and_arrivals():
     firsts = np.array([g["block_hashes"].iat[0][:n_sys + 1] for _, g in engineers.groupby("job_id")])
     assert (firsts[:, :n_sys] == firsts[0, :n_sys]).all() and len(set(firsts[:, n_sys])) == len(firsts)
     assert burstiness(df[df["parents"].map(len) == 0])["interarrival_cv"] > 1.5
-    smooth = make_workload("software-team", rate=0.2, duration_s=900, seed=3)
+    smooth = make_workload("software-team-chat", rate=0.2, duration_s=900, seed=3)
     assert burstiness(smooth[smooth["parents"].map(len) == 0])["interarrival_cv"] == pytest.approx(1, abs=0.3)
-    rep = make_workload("coding-assistant", arrivals="replay:azure-code", duration_s=120, seed=0)
+    rep = make_workload("coding-assistant-chat", arrivals="replay:azure-code", duration_s=120, seed=0)
     azure = load_trace("azure-code")["arrival_s"].to_numpy()
     roots = np.sort(rep[rep["parents"].map(len) == 0]["arrival_s"].to_numpy())
     assert roots == pytest.approx(azure[azure < 120])  # one job per Azure code request of its first 2 minutes
@@ -141,16 +149,52 @@ def test_skipped_agent_passes_dependencies_through():
     assert wf.next_agents("a") == ["b", "c"] and wf.next_agents("c") == ["c"]
 
 
-def test_generate_duration_and_truncation():
-    df = generate("coding-assistant", "poisson:0.5", duration_s=120, seed=0, max_input_tokens=2048)
+def test_generate_duration_and_options():
+    df = generate("coding-assistant-chat", "poisson:0.5", duration_s=120, seed=0)
     roots = df[df["parents"].map(len) == 0]["arrival_s"]
     assert roots.max() < 120 and 30 < len(roots) < 90
-    assert df["input_tokens"].max() == 2048 and df["block_hashes"].map(len).max() == 128
     with pytest.raises(WorkloadError, match="exactly one"):
-        generate("coding-assistant", "poisson:1", seed=0)
+        generate("coding-assistant-chat", "poisson:1", seed=0)
     with pytest.raises(WorkloadError, match="unknown option"):
-        make_workload("coding-assistant", window_s=(0, 1))
+        make_workload("coding-assistant-chat", window_s=(0, 1))
+    with pytest.raises(WorkloadError, match="unknown option"):
+        make_workload("coding-assistant-chat", max_input_tokens=2048)  # compaction replaced truncation
 
+
+def test_scale_workflow_keeps_the_structure():
+    wf = load_workflow("coding-assistant")
+    half = scale_workflow(wf, input_scale=0.5, output_scale=0.25, tool_time_scale=2.0)
+    for a, spec in wf.agents.items():
+        s = half.agents[a]
+        assert s.system_prompt_tokens == round(spec.system_prompt_tokens / 2)
+        assert s.input_tokens.expected() == pytest.approx(spec.input_tokens.expected() / 2)
+        assert s.output_tokens.expected() == pytest.approx(spec.output_tokens.expected() / 4)
+        assert s.tool_time_s.expected() == pytest.approx(spec.tool_time_s.expected() * 2)
+    assert half.agents["main"].compact_at_tokens == round(wf.agents["main"].compact_at_tokens / 2)
+    a = make_workload(wf, num_jobs=30, seed=1)
+    b = make_workload(half, num_jobs=30, seed=1)
+    per_job = lambda d: d.groupby("job_id")["agent"].apply(list).tolist()  # noqa: E731
+    assert per_job(a) == per_job(b)  # the same jobs: agents, calls (row order across jobs follows tool times)
+    assert b["input_tokens"].mean() == pytest.approx(a["input_tokens"].mean() / 2, rel=0.1)
+    with pytest.raises(WorkloadError, match="input_scale=0 must be"):
+        scale_workflow(wf, input_scale=0)
+    with pytest.raises(WorkloadError, match="geometric distribution"):
+        scale_workflow(parse_workflow({"name": "g", "agents": {"a": {
+            "system_prompt_tokens": 10, "input_tokens": {"dist": "geometric", "mean": 3}, "output_tokens": 5}}}), 2.0)
+
+
+def test_scale_to_means_reaches_a_mean_prompt_and_output():
+    wf = load_workflow("software-team")
+    paper = scale_to_means(wf, mean_input_tokens=2000, mean_output_tokens=20, num_jobs=60, name="team-2k")
+    df = make_workload(paper, num_jobs=60, seed=0)  # the sample the scales were fitted on
+    assert df["input_tokens"].mean() == pytest.approx(2000, rel=0.02)
+    assert df["output_tokens"].mean() == pytest.approx(20, rel=0.02)
+    assert (df["workflow"] == "team-2k").all()
+    other = make_workload(paper, num_jobs=200, seed=5)  # and other jobs of it: close
+    assert other["input_tokens"].mean() == pytest.approx(2000, rel=0.15)
+    assert scale_to_means(wf, 2000, 20, num_jobs=60, name="team-2k") == paper  # deterministic
+    with pytest.raises(WorkloadError, match="no scale reaches these means"):
+        scale_to_means(wf, mean_input_tokens=100, mean_output_tokens=90, num_jobs=20)  # outputs fill the prompts
 
 def _error(data: dict, match: str) -> None:
     with pytest.raises(WorkloadError, match=match):
@@ -158,7 +202,7 @@ def _error(data: dict, match: str) -> None:
 
 
 def test_schema_errors_name_the_yaml_path(tmp_path):
-    ok = yaml.safe_load(open(WORKFLOWS["coding-assistant"]).read())
+    ok = yaml.safe_load(open(WORKFLOWS["coding-assistant-chat"]).read())
 
     def change(path: list, value) -> dict:
         data = yaml.safe_load(yaml.safe_dump(ok))
@@ -184,7 +228,7 @@ def test_schema_errors_name_the_yaml_path(tmp_path):
     _error(two, r"loops.1: agent '(tester|reviewer)' is also in loops\[0\]")
 
     path = tmp_path / "bad.yaml"
-    path.write_text(open(WORKFLOWS["coding-assistant"]).read().replace("cv: 0.6, min: 50, max: 4096}",
+    path.write_text(open(WORKFLOWS["coding-assistant-chat"]).read().replace("cv: 0.6, min: 50, max: 4096}",
                                                                        "cv: -0.6, min: 50, max: 4096}"))
     with pytest.raises(WorkloadError, match=r"bad.yaml:\d+: agents.coder.output_tokens.cv"):
         load_workflow(path)
@@ -195,26 +239,3 @@ def test_schema_errors_name_the_yaml_path(tmp_path):
         load_workflow(path)
     with pytest.raises(WorkloadError, match="no workflow 'nope'"):
         load_workflow("nope")
-
-
-def test_claude_code_workflow_is_fitted_from_the_trace():
-    """Re-fitting from the v8 sessions reproduces the shipped YAML, and its jobs resemble the trace."""
-    sessions, _ = read_sessions("claude-code-v8")
-    fitted = parse_workflow(fit(sessions))
-    shipped = load_workflow("claude-code")
-    for agent in ("main", "subagent"):
-        a, b = fitted.agents[agent], shipped.agents[agent]
-        assert a.system_prompt_tokens == b.system_prompt_tokens
-        assert a.probability == pytest.approx(b.probability)
-        for field in ("input_tokens", "output_tokens", "tool_time_s", "initial_input_tokens"):
-            assert getattr(a, field).expected() == pytest.approx(getattr(b, field).expected(), rel=1e-3)
-    assert fitted.loops[0].iterations.expected() == pytest.approx(shipped.loops[0].iterations.expected())
-    assert shipped.agents["main"].system_prompt_tokens == pytest.approx(12262 + 2772, rel=0.05)  # README p50s
-
-    df = generate(shipped, poisson(0.01), num_jobs=120, seed=0)
-    calls = df.groupby("job_id").size()
-    trace_calls = [sum(a == "main" for a in s.agent) for s in sessions]
-    assert calls.median() == pytest.approx(np.median(trace_calls), rel=0.35)
-    out = np.concatenate([s.output_tokens for s in sessions])
-    assert df["output_tokens"].median() == pytest.approx(np.median(out), rel=0.15)
-    assert prefix_hit_bound(df, within_session=True) == pytest.approx(0.963, abs=0.03)

@@ -6,10 +6,12 @@
   tokens: the upper bound for any real cache. Where the trace's ids are already chain ids (each id
   always follows the same id: Mooncake, Claude Code v8) this equals the shared README's definition.
 - ``cached_tokens_cdf``: per-call distribution of cached tokens (or cached share of the prompt).
-- ``length_stats``, ``burstiness``, ``dependency_stats``: input/output lengths, arrival burstiness
-  (inter-arrival CV, counts per 1/10/60 s window), and DAG depth and fan-out.
+- ``length_stats``, ``burstiness``, ``dependency_stats``: input/output lengths and sum input / sum output,
+  arrival burstiness (inter-arrival CV, counts per 1/10/60 s window), and DAG depth and fan-out.
 
-``python -m traces.characterize [NAME ...]`` prints the summary of shared traces and shipped workflows.
+``python -m traces.characterize [NAME ...]`` prints the summary of shared traces and shipped workflows. What
+they cost on a GPU cluster (GPU-seconds per call, prefill share, sustainable calls/s) needs the cost model:
+``python -m sim.characterize``.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def distribution(values: np.ndarray | pd.Series, digits: int = 1) -> dict:
 
 
 def length_stats(df: pd.DataFrame) -> dict:
-    return {"input_tokens": distribution(df["input_tokens"]), "output_tokens": distribution(df["output_tokens"])}
+    out = int(df["output_tokens"].sum())
+    return {"input_tokens": distribution(df["input_tokens"]), "output_tokens": distribution(df["output_tokens"]),
+            "input_over_output": round(int(df["input_tokens"].sum()) / out, 1) if out else float("nan")}
 
 
 def burstiness(df: pd.DataFrame, windows: tuple[int, ...] = (1, 10, 60)) -> dict:
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({name: c}, indent=1))
             continue
         b = c["burstiness"]
-        print(f"{name:24s} rows {c['rows']:7d}  hit bound {100 * c['prefix_hit_bound']:5.1f} %"
+        print(f"{name:24s} rows {c['rows']:7d}  in:out {c['input_over_output']:6.1f}"
+              f"  hit bound {100 * c['prefix_hit_bound']:5.1f} %"
               f"{' (per session)' if within else ''}  inter-arrival CV {b.get('interarrival_cv', float('nan')):5.2f}"
               f"  per-60s max/mean {b.get('per_60s', {}).get('max_over_mean', float('nan')):5.2f}"
               f"  depth p50 {c['dependencies']['job_depth'].get('p50', 0)}")

@@ -12,8 +12,11 @@ Knobs, applied in this order, all seeded by ``seed``: ``max_sessions`` (first N 
 request trace, read from the file), ``sample_frac`` (random fraction of sessions / rows), placement
 (agent traces), ``window_s=(start, end)`` (keep rows, or sessions, starting in the window; times
 shifted to start at 0), ``rate_scale`` (divide arrival times: 2.0 = twice the load), ``max_think_s``
-(cap think times, e.g. the multi-day idle gaps of Claude Code sessions) and ``max_input_tokens``
-(keep the first N tokens of every prompt, so the Claude Code contexts fit a 40 GB GPU).
+(cap think times, e.g. the multi-day idle gaps of Claude Code sessions) and ``context_limit_tokens``
+(the model's context window, default 131,072: a call whose prompt + output would not fit is compacted as an
+agent harness does, see ``traces.compaction``; None keeps the calls as recorded). A call that cannot fit even
+compacted (a huge output in a small window) is kept for the engine to refuse and counted in
+``table.attrs["over_limit_calls"]``.
 
 Claude Code conventions (see ``_claude_session``): a call's parent is the previous call of the same
 agent loop. A sub-agent's first call's parent is the main-loop call that spawned it; the first main
@@ -44,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from traces.arrivals import ArrivalProcess, Poisson, parse_arrivals
+from traces.compaction import DEFAULT_CONTEXT_LIMIT, check_limit, compact_prompt, compact_session
 from traces.schema import WorkloadError, make_table
 from traces.sessions import Session, no_gc, sessions_to_table
 
@@ -158,7 +162,8 @@ class _Call:
     n_out: int
     span: int  # index of the hash_ids array
     agent: str
-    system_tokens: int  # tool definitions + system prompt of the agent that made the call
+    system_tokens: int  # tool definitions + system prompt of the agent that made the call (-1: not recorded)
+    user: bool | None  # a user message started this call (input_types has "text"); None: input_types absent
 
 
 @dataclass
@@ -200,6 +205,8 @@ def _claude_session(raw: bytes, where: str, merge_duplicates: bool, next_id: int
                          f"{where}: requests", "main", _system_tokens(doc, where), f)
     calls: list[_Call] = list(main)
     parents: list[list[int]] = [[] if k == 0 else [k - 1] for k in range(len(main))]
+    continues = list(range(-1, len(main) - 1))
+    unrecorded = [where] if main and main[0].system_tokens < 0 else []
     main_t = np.array([c.t for c in main])
     for i, sub in enumerate(doc["requests"]):
         if not _is_subagent(sub):
@@ -218,6 +225,8 @@ def _claude_session(raw: bytes, where: str, merge_duplicates: bool, next_id: int
         calls += inner
         parents.append([spawner] if spawner >= 0 else [])
         parents += [[first + k] for k in range(len(inner) - 1)]
+        continues += [-1] + [first + k for k in range(len(inner) - 1)]
+        unrecorded += [sub_where] if inner[0].system_tokens < 0 else []
         done = _end(inner[-1]) if math.isnan(duration) else t_entry
         consumer = int(np.searchsorted(main_t, done - 1.0, side="left"))  # first main call after it completed
         if spawner < consumer < len(main):
@@ -236,14 +245,30 @@ def _claude_session(raw: bytes, where: str, merge_duplicates: bool, next_id: int
         output_tokens=np.array([c.n_out for c in calls], dtype=np.int64),
         think_s=think, parents=parents, agent=[c.agent for c in calls],
         hashes=[arrays[c.span] for c in calls], hash_block_size=f.block,
-        meta={"system_tokens": np.array([c.system_tokens for c in calls])})
+        continues=np.array(continues, dtype=np.int64),
+        head_tokens=np.array([c.system_tokens for c in calls], dtype=np.int64),
+        meta=_fit_facts(where, [c.user for c in calls], "'input_types'", unrecorded,
+                        "'tool_tokens' and 'system_tokens'"))
     return session, merged, next_id
 
 
+def _fit_facts(where: str, user: list[bool | None], user_field: str, unrecorded_head: list[str],
+               head_fields: str) -> dict:
+    """What the fitter needs beyond the table, and where the trace lacks it (so its error can name the field)."""
+    missing = {}
+    if unrecorded_head:
+        missing[head_fields] = unrecorded_head[0]
+    if any(u is None for u in user):
+        missing[user_field] = where
+    return {"source": where, "user_turn": np.array([bool(u) for u in user]), "missing": missing}
+
+
 def _system_tokens(entry: dict, where: str) -> int:
-    """The Claude Code prefix every call of this agent starts with: tool definitions + system prompt."""
-    sizes = (_field(entry, k, where, integer=True, required=False) for k in ("tool_tokens", "system_tokens"))
-    return int(sum(v for v in sizes if not math.isnan(v)))
+    """The Claude Code prefix every call of this agent starts with: tool definitions + system prompt (-1 when
+    neither field is recorded)."""
+    sizes = [_field(entry, k, where, integer=True, required=False) for k in ("tool_tokens", "system_tokens")]
+    known = [v for v in sizes if not math.isnan(v)]
+    return int(sum(known)) if known else -1
 
 
 def _loop(reqs: list[tuple[int, object]], where: str, agent: str, system_tokens: int, f: _File,
@@ -265,12 +290,15 @@ def _loop(reqs: list[tuple[int, object]], where: str, agent: str, system_tokens:
             raise WorkloadError(f"{w}: field 'hash_ids' has {f.sizes[span]} blocks of {f.block} tokens for "
                                 f"in={n_in}; expected at most ceil(in / block_size)")
         t = offset + _field(r, "t", w)
+        kinds = r.get("input_types")
         call = _Call(t, t + _field(r, "api_time", w, required=False), _field(r, "think_time", w, required=False),
-                     n_in, _field(r, "out", w, integer=True), span, agent, system_tokens)
+                     n_in, _field(r, "out", w, integer=True), span, agent, system_tokens,
+                     "text" in kinds if isinstance(kinds, list) else None)
         key = (n_in, f.raw[slice(*f.spans[span])]) if f.merge_duplicates else None
         if key is not None and key == prev_key:
             first = out[-1]
-            out[-1] = _Call(first.t, call.end, first.think, first.n_in, call.n_out, first.span, agent, system_tokens)
+            out[-1] = _Call(first.t, call.end, first.think, first.n_in, call.n_out, first.span, agent, system_tokens,
+                            first.user)
             merged += 1
             continue
         out.append(call)
@@ -328,9 +356,10 @@ def _read_tracelab(path: Path, limit: int | None, block: int = 16) -> tuple[list
 
     A round's prompt shares ``min(prefix_tokens, previous round's input)`` leading tokens with the
     previous round's prompt; the first round's cached prefix is the provider's common system prompt
-    (shared by the sessions of one provider). The rest of each prompt is new content. A round is sent
-    at its last input event (user message or tool result); its think time is the gap since the previous
-    round's last output event.
+    (shared by the sessions of one provider, and the head compaction keeps). The rest of each prompt is new
+    content. A round is sent at its last input event (user message or tool result); its think time is the
+    gap since the previous round's last output event. A round whose ``first_input_event_type`` is
+    ``user_message`` is a user turn.
     """
     by_session: dict[str, list[tuple[int, dict, str]]] = {}
     with _open_text(path) as f:
@@ -347,7 +376,7 @@ def _read_tracelab(path: Path, limit: int | None, block: int = 16) -> tuple[list
     sessions = []
     for sid, rounds in list(by_session.items())[:limit]:
         rounds.sort(key=lambda x: x[0])
-        t, n_in, n_out, think, hashes = [], [], [], [], []
+        t, n_in, n_out, think, hashes, user = [], [], [], [], [], []
         prev_end = None
         for _, row, where in rounds:
             n = _field(row, "input_tokens_total", where, integer=True, minimum=1)
@@ -369,10 +398,16 @@ def _read_tracelab(path: Path, limit: int | None, block: int = 16) -> tuple[list
             prev_end = end
             n_in.append(n)
             n_out.append(_field(row, "output_tokens", where, integer=True))
+            kind = row.get("first_input_event_type")
+            user.append(kind == "user_message" if isinstance(kind, str) else None)
+        head = min(_field(rounds[0][1], "prefix_tokens", rounds[0][2], integer=True), n_in[0])
         sessions.append(Session(
-            session_id=sid, t=np.asarray(t) - t[0], input_tokens=np.asarray(n_in), output_tokens=np.asarray(n_out),
+            session_id=sid, t=np.asarray(t) - t[0], input_tokens=np.asarray(n_in, dtype=np.int64),
+            output_tokens=np.asarray(n_out, dtype=np.int64),
             think_s=np.asarray(think), parents=[[] if k == 0 else [k - 1] for k in range(len(t))],
-            agent=[rounds[0][1]["provider"]] * len(t), hashes=hashes, hash_block_size=block))
+            agent=[rounds[0][1]["provider"]] * len(t), hashes=hashes, hash_block_size=block,
+            continues=np.arange(-1, len(t) - 1), head_tokens=np.full(len(t), head, dtype=np.int64),
+            meta=_fit_facts(f"{path}: session {sid}", user, "'first_input_event_type'", [], "'prefix_tokens'")))
     return sessions, {}
 
 
@@ -433,19 +468,20 @@ def trace_path(name: str) -> Path:
 
 
 def read_sessions(name: str, max_sessions: int | None = None) -> tuple[list[Session], dict]:
-    """The sessions of an agent trace on their own clocks (used by the Claude Code workflow fitter)."""
+    """The sessions of an agent trace on their own clocks, as recorded (no compaction; used by traces.fit)."""
     path = trace_path(name)
     if not TRACES[name].sessions:
-        raise WorkloadError(f"trace '{name}' is a request trace, not agent sessions")
+        raise WorkloadError(f"{path}: trace '{name}' is a request trace (one row per call, no session, agent or "
+                            f"parent fields), not agent sessions")
     return TRACES[name].read(path, max_sessions)
 
 
 def load_trace(name: str, *, window_s: tuple[float, float] | None = None, rate_scale: float = 1.0,
-               sample_frac: float = 1.0, max_input_tokens: int | None = None, session_rate: float | None = None,
-               arrivals: ArrivalProcess | str | dict | None = None, max_sessions: int | None = None,
-               max_think_s: float | None = None, seed: int = 0) -> pd.DataFrame:
+               sample_frac: float = 1.0, context_limit_tokens: int | None = DEFAULT_CONTEXT_LIMIT,
+               session_rate: float | None = None, arrivals: ArrivalProcess | str | dict | None = None,
+               max_sessions: int | None = None, max_think_s: float | None = None, seed: int = 0) -> pd.DataFrame:
     """Load a shared trace as a validated canonical table (see the module docstring for the knobs)."""
-    _check_knobs(name, window_s, rate_scale, sample_frac, max_input_tokens, session_rate, max_sessions,
+    _check_knobs(name, window_s, rate_scale, sample_frac, context_limit_tokens, session_rate, max_sessions,
                  max_think_s)
     path = trace_path(name)
     spec = TRACES[name]
@@ -464,11 +500,10 @@ def load_trace(name: str, *, window_s: tuple[float, float] | None = None, rate_s
         table = table[keep].reset_index(drop=True)
         table["arrival_s"] = (table["arrival_s"] - (window_s[0] if window_s else 0.0)) / rate_scale
         table["request_id"] = np.arange(len(table))
-        if max_input_tokens is not None:
-            table["input_tokens"] = np.minimum(table["input_tokens"], max_input_tokens)
-            table["block_hashes"] = [h[:-(-max_input_tokens // b)] for h, b in
-                                     zip(table["block_hashes"], table["hash_block_size"], strict=True)]
-        return make_table(table, f"{name} ({path})")
+        _compact_rows(table, context_limit_tokens)
+        table = make_table(table, f"{name} ({path})")
+        table.attrs["over_limit_calls"] = _over_limit(table, context_limit_tokens)
+        return table
 
     sessions, attrs = spec.read(path, max_sessions)
     if sample_frac < 1.0:
@@ -478,18 +513,39 @@ def load_trace(name: str, *, window_s: tuple[float, float] | None = None, rate_s
     if window_s is not None:
         inside = (starts >= window_s[0]) & (starts < window_s[1])
         sessions, starts = [s for s, k in zip(sessions, inside, strict=True) if k], starts[inside] - window_s[0]
+    next_id = 1 + max((int(h.max()) for s in sessions for h in s.hashes if len(h)), default=-1)
     for s in sessions:
         s.workflow = name
-        if max_input_tokens is not None:
-            s.truncate(max_input_tokens)
+        next_id = compact_session(s, context_limit_tokens, next_id)
         if max_think_s is not None:
             s.think_s = np.minimum(s.think_s, max_think_s)
     table = sessions_to_table(sessions, starts / rate_scale, f"{name} ({path})")
     table.attrs.update(attrs)
+    table.attrs["over_limit_calls"] = _over_limit(table, context_limit_tokens)
     return table
 
 
-def _check_knobs(name, window_s, rate_scale, sample_frac, max_input_tokens, session_rate, max_sessions,
+def _over_limit(table: pd.DataFrame, limit: int | None) -> int:
+    """Calls whose prompt + output exceed the window even compacted (an engine refuses them, as vLLM does)."""
+    return 0 if limit is None else int(((table["input_tokens"] + table["output_tokens"]) > limit).sum())
+
+
+def _compact_rows(table: pd.DataFrame, limit: int | None) -> None:
+    """A request trace's rows are independent prompts: one longer than the window is compacted on its own."""
+    too_long = [] if limit is None else \
+        np.flatnonzero((table["input_tokens"] + table["output_tokens"]).to_numpy() > limit)
+    if not len(too_long):
+        return
+    next_id = 1 + max((max(h) for h in table["block_hashes"] if len(h)), default=-1)
+    for i in too_long:
+        hashes, n_in, next_id = compact_prompt(
+            np.asarray(table.at[i, "block_hashes"], dtype=np.int64), int(table.at[i, "input_tokens"]),
+            int(table.at[i, "output_tokens"]), int(table.at[i, "hash_block_size"]), limit, next_id)
+        table.at[i, "block_hashes"] = hashes.tolist()
+        table.at[i, "input_tokens"] = n_in
+
+
+def _check_knobs(name, window_s, rate_scale, sample_frac, context_limit_tokens, session_rate, max_sessions,
                  max_think_s) -> None:
     where = f"load_trace('{name}')"
     if window_s is not None and not (len(window_s) == 2 and 0 <= window_s[0] < window_s[1]):
@@ -500,9 +556,9 @@ def _check_knobs(name, window_s, rate_scale, sample_frac, max_input_tokens, sess
             raise WorkloadError(f"{where}: {knob}={value} must be a finite number > {max(low, 0)}")
     if not 0.0 < sample_frac <= 1.0:
         raise WorkloadError(f"{where}: sample_frac={sample_frac} must be in (0, 1]")
-    for knob, value in (("max_input_tokens", max_input_tokens), ("max_sessions", max_sessions)):
-        if value is not None and (int(value) != value or value < 1):
-            raise WorkloadError(f"{where}: {knob}={value} must be an integer >= 1")
+    check_limit(context_limit_tokens, where)
+    if max_sessions is not None and (int(max_sessions) != max_sessions or max_sessions < 1):
+        raise WorkloadError(f"{where}: max_sessions={max_sessions} must be an integer >= 1")
 
 
 # ---------------------------------------------------------------------------------------------------

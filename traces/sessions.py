@@ -36,16 +36,14 @@ class Session:
     expected_output_tokens: np.ndarray | None = None
     next_agents: list[str] = field(default_factory=list)
     slo_s: np.ndarray | None = None
+    # What compaction and the fitter need: the call whose prompt + output this call's prompt extends (-1: it
+    # starts a conversation), and the tokens of static head (system prompt, tools, static context) it starts with.
+    continues: np.ndarray | None = None
+    head_tokens: np.ndarray | None = None
     meta: dict = field(default_factory=dict)  # source-specific per-session facts (e.g. for fitting)
 
     def __len__(self) -> int:
         return len(self.t)
-
-    def truncate(self, max_input_tokens: int) -> None:
-        """Keep the first ``max_input_tokens`` of every prompt (and the block ids that cover them)."""
-        self.input_tokens = np.minimum(self.input_tokens, max_input_tokens)
-        keep = -(-max_input_tokens // self.hash_block_size)
-        self.hashes = [h[:keep] for h in self.hashes]
 
 
 @contextmanager

@@ -14,7 +14,13 @@ blocks, so exactly the sharing the workflow implies shows up as prefix hits:
   of one per-job document), after the system prompt (``prompt_layout: system-first``) or before it
   (``context-first``, so that all agents of a job share it),
 - a call that continues a conversation (the next call of an agent's tool loop, or an agent with
-  ``continues``) has its predecessor's whole prompt and output as its prefix.
+  ``continues``) has its predecessor's whole prompt and output as its prefix,
+- a conversation that would outgrow the model's context window (``context_limit_tokens``), or the agent's own
+  ``compact_at_tokens``, is compacted as agent harnesses do (``traces.compaction``): system prompt and static
+  context, a new summary, the most recent turns.
+
+``scale_workflow`` and ``scale_to_means`` rescale a workflow's token distributions (e.g. to a mean prompt and
+output length) without changing its structure.
 
 The YAML is validated with pydantic; errors name the file, line and YAML path.
 """
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,6 +37,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from traces.arrivals import ArrivalProcess, Poisson, parse_arrivals
+from traces.compaction import DEFAULT_CONTEXT_LIMIT, check_limit, plan
 from traces.schema import WorkloadError
 from traces.sessions import Session, no_gc, sessions_to_table
 
@@ -46,9 +53,15 @@ class _Dist(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min: float | None = None  # samples are clipped to [min, max]
     max: float | None = None
+    _SIZES: ClassVar[tuple[str, ...]] = ()  # the parameters that scale with the samples
 
     def sample(self, rng: np.random.Generator) -> float:
         return self._clip(self._draw(rng))
+
+    def scaled(self, factor: float):
+        """The distribution of ``factor`` x its samples (bounds included)."""
+        fields = [*self._SIZES, *(k for k in ("min", "max") if getattr(self, k) is not None)]
+        return self.model_copy(update={k: _times(getattr(self, k), factor) for k in fields})
 
     def expected(self) -> float:
         """Mean of the unclipped distribution, clipped to [min, max]: the front end's expectation."""
@@ -66,9 +79,14 @@ class _Dist(BaseModel):
         return self
 
 
+def _times(x: float | list[float], factor: float) -> float | list[float]:
+    return [v * factor for v in x] if isinstance(x, list) else x * factor
+
+
 class Constant(_Dist):
     dist: Literal["constant"]
     value: float
+    _SIZES = ("value",)
 
     def _draw(self, rng):
         return self.value
@@ -81,6 +99,7 @@ class Uniform(_Dist):
     dist: Literal["uniform"]
     low: float
     high: float
+    _SIZES = ("low", "high")
 
     def _draw(self, rng):
         return rng.uniform(self.low, self.high)
@@ -95,6 +114,7 @@ class LogNormal(_Dist):
     dist: Literal["lognormal"]
     mean: float = Field(gt=0)
     cv: float = Field(gt=0)
+    _SIZES = ("mean",)
 
     def _draw(self, rng):
         sigma2 = np.log1p(self.cv ** 2)
@@ -107,6 +127,7 @@ class LogNormal(_Dist):
 class Exponential(_Dist):
     dist: Literal["exponential"]
     mean: float = Field(gt=0)
+    _SIZES = ("mean",)
 
     def _draw(self, rng):
         return rng.exponential(self.mean)
@@ -121,6 +142,10 @@ class Geometric(_Dist):
     dist: Literal["geometric"]
     mean: float = Field(ge=1)
 
+    def scaled(self, factor: float):
+        raise WorkloadError(f"a geometric distribution (mean {self.mean}) counts tries and cannot be scaled by "
+                            f"{factor}; give token sizes as another distribution")
+
     def _draw(self, rng):
         return float(rng.geometric(1.0 / self.mean))
 
@@ -133,6 +158,7 @@ class Empirical(_Dist):
 
     dist: Literal["empirical"]
     quantiles: list[float] = Field(min_length=2)
+    _SIZES = ("quantiles",)
 
     @model_validator(mode="after")
     def _sorted(self):
@@ -176,8 +202,8 @@ class Agent(BaseModel):
     calls: Dist = 1  # sequential calls per copy (its tool loop), each continuing the conversation
     tool_time_s: Dist = 0  # think/tool time between the parents finishing and each call
     continues: str | None = None  # first call extends this agent's latest conversation in the job
-    compact_at_tokens: int | None = Field(None, ge=1)  # a longer continued prompt is compacted ...
-    compacted_tokens: Dist | None = None  # ... into a new conversation: head + a summary of this size
+    compact_at_tokens: int | None = Field(None, ge=1)  # the harness compacts a longer prompt + output ...
+    compacted_tokens: Dist | None = None  # ... keeping its head + this many tokens (summary + recent turns)
     probability: float = Field(1.0, ge=0, le=1)  # chance an activation runs (else it is skipped)
     slo_s: float | None = Field(None, gt=0)
 
@@ -366,6 +392,19 @@ class _Call:
     length: int
     blocks: np.ndarray
     output: tuple[int, int, int]  # the output segment (a continuing call appends it to its prompt)
+    head: int  # tokens of the conversation's static head (system prompt, static context) that compaction keeps
+    continues: int  # index of the call whose prompt + output this prompt extends; -1 if none
+
+
+def _cut(segments: tuple, start: int, end: int) -> tuple:
+    """Tokens [start, end) of a prompt made of segments, as segments."""
+    out, pos = [], 0
+    for content, offset, n in segments:
+        a, b = max(start, pos), min(end, pos + n)
+        if a < b:
+            out.append((content, offset + a - pos, b - a))
+        pos += n
+    return tuple(out)
 
 
 class _Contents:
@@ -406,9 +445,13 @@ class _Contents:
 class _Job:
     """Samples one job of a workflow: its calls, their prompts and dependencies."""
 
-    def __init__(self, wf: Workflow, job: int, rng: np.random.Generator, contents: _Contents,
-                 system: dict[str, int]):
-        self.wf, self.rng, self.c, self.system = wf, rng, contents, system
+    def __init__(self, wf: Workflow, job: int, seed: int, contents: _Contents, system: dict[str, int],
+                 limit: int | None):
+        self.wf, self.c, self.system, self.limit = wf, contents, system, limit
+        self.rng = np.random.default_rng([seed, 1, job])
+        # summary sizes draw from their own stream, so that rescaled token sizes (which compact at other
+        # calls) leave the job's structure (agents, calls, parents, tool times) unchanged
+        self.summary_rng = np.random.default_rng([seed, 2, job])
         self.document = contents.new()  # the job's static context
         self.context_tokens: dict[str, int] = {}
         self.calls: list[_Call] = []
@@ -441,7 +484,10 @@ class _Job:
             hashes=[c.blocks for c in self.calls], hash_block_size=wf.hash_block_size, workflow=wf.name,
             expected_output_tokens=np.asarray([expected[a] for a in agent], dtype=np.int64),
             next_agents=[hints[a] for a in agent],
-            slo_s=np.asarray([_slo(wf, a) for a in agent], dtype=float))
+            slo_s=np.asarray([_slo(wf, a) for a in agent], dtype=float),
+            continues=np.asarray([c.continues for c in self.calls], dtype=np.int64),
+            head_tokens=np.asarray([c.head for c in self.calls], dtype=np.int64),
+            meta={"source": f"workflow '{wf.name}', job {self.session_id}", "user_turn": np.zeros(len(agent), bool)})
 
     def _deps(self, a: str, done: dict[str, list[int]], within: list[str] | None = None) -> list[int]:
         deps = [d for d in self.wf.agents[a].depends_on if within is None or d in within]
@@ -468,21 +514,29 @@ class _Job:
     def _call(self, a: str, spec: Agent, prev: _Call | None, parents: list[int], first: bool) -> _Call:
         dist = spec.initial_input_tokens if (first and spec.initial_input_tokens is not None) else spec.input_tokens
         new = (self.c.new(), 0, max(1, round(dist.sample(self.rng))))
-        if prev is not None and spec.compact_at_tokens is not None \
-                and prev.length + prev.output[2] + new[2] > spec.compact_at_tokens:
-            prev = None  # the conversation is summarized into a fresh one
-            new = (new[0], 0, max(1, round(spec.compacted_tokens.sample(self.rng))))
         if prev is not None:
-            segments = prev.segments + (prev.output, new)
+            segments, head = prev.segments + (prev.output, new), prev.head
         else:
-            head = [(self.system[a], 0, spec.system_prompt_tokens), (self.document, 0, self._context(a, spec))]
+            start = [(self.system[a], 0, spec.system_prompt_tokens), (self.document, 0, self._context(a, spec))]
             if self.wf.prompt_layout == "context-first":
-                head.reverse()
-            segments = tuple(s for s in head if s[2] > 0) + (new,)
+                start.reverse()
+            segments = tuple(s for s in start if s[2] > 0) + (new,)
+            head = sum(s[2] for s in start)
         length = sum(s[2] for s in segments)
         n_out = max(1, round(spec.output_tokens.sample(self.rng)))
+        continues = -1 if prev is None else prev.index
+        bounds = [b for b in (self.limit, spec.compact_at_tokens) if b is not None]
+        if bounds and length + n_out > min(bounds):
+            body = None if spec.compacted_tokens is None else \
+                max(1, round(spec.compacted_tokens.sample(self.summary_rng)))
+            step = plan(length, n_out, head, self.wf.hash_block_size, self.limit, spec.compact_at_tokens, body,
+                        f"workflow '{self.wf.name}', job {self.session_id}, agent '{a}', call {len(self.calls)}")
+            if step is not None:  # head + a new summary + the most recent tokens; the prefix cache misses once
+                segments = _cut(segments, 0, step.head) + ((self.c.new(), 0, step.summary),) + \
+                    _cut(segments, length - step.recent, length)
+                length, prev = step.length, None
         call = _Call(len(self.calls), segments, length, self.c.block_ids(segments, length, prev),
-                     (self.c.new(), 0, n_out))
+                     (self.c.new(), 0, n_out), head, continues)
         think = spec.tool_time_s.sample(self.rng) if parents else 0.0
         self.calls.append(call)
         r = self.rows
@@ -527,55 +581,117 @@ def _slo(wf: Workflow, agent: str) -> float:
 
 def generate(workflow: Workflow | str | Path, arrivals: ArrivalProcess | str | dict,
              num_jobs: int | None = None, duration_s: float | None = None, seed: int = 0,
-             max_input_tokens: int | None = None) -> pd.DataFrame:
+             context_limit_tokens: int | None = DEFAULT_CONTEXT_LIMIT) -> pd.DataFrame:
     """Sample jobs of ``workflow`` started by ``arrivals`` (``num_jobs`` of them, or all that start
     within ``duration_s``) as a validated canonical table. Same arguments, same table, bit for bit.
 
     ``arrival_s`` of a dependent call is an estimate: the time it would be released if every call took
-    no time (job start + the tool times along its longest parent chain). ``max_input_tokens`` keeps the
-    first N tokens of every prompt, as for the traces.
+    no time (job start + the tool times along its longest parent chain). ``context_limit_tokens`` is the
+    model's context window (default: Llama-3.1-8B's 131,072; None: no limit): no call's prompt + output
+    exceeds it, conversations are compacted to fit (``traces.compaction``), and a call that cannot fit even
+    then is refused with an error naming the workflow, job and agent.
     """
     wf = workflow if isinstance(workflow, Workflow) else load_workflow(workflow)
     if (num_jobs is None) == (duration_s is None):
         raise WorkloadError("generate: give exactly one of num_jobs or duration_s")
     if num_jobs is not None and num_jobs < 0 or duration_s is not None and not duration_s > 0:
         raise WorkloadError(f"generate: num_jobs={num_jobs} must be >= 0, duration_s={duration_s} > 0")
-    if max_input_tokens is not None and max_input_tokens < 1:
-        raise WorkloadError(f"generate: max_input_tokens={max_input_tokens} must be >= 1")
     process = parse_arrivals(arrivals)
     starts = process.times(np.random.default_rng([seed, 0]), n=num_jobs, duration_s=duration_s)
-    contents = _Contents(wf.hash_block_size)
-    system = {a: contents.new() for a in wf.agents}
-    with no_gc():
-        jobs = [_Job(wf, j, np.random.default_rng([seed, 1, j]), contents, system).run() for j in range(len(starts))]
-    for s in jobs:
-        if max_input_tokens is not None:
-            s.truncate(max_input_tokens)
+    jobs = sample_jobs(wf, len(starts), seed, context_limit_tokens)
     return sessions_to_table(jobs, starts, f"workflow '{wf.name}'")
 
 
-def make_workload(name: str, *, rate: float | None = None, arrivals: ArrivalProcess | str | dict | None = None,
-                  duration_s: float | None = None, num_jobs: int | None = None, seed: int = 0,
-                  **knobs) -> pd.DataFrame:
-    """A workload by name, for experiments: a shipped workflow (or YAML path) or a shared trace.
+def sample_jobs(wf: Workflow, num_jobs: int, seed: int = 0,
+                context_limit_tokens: int | None = DEFAULT_CONTEXT_LIMIT) -> list[Session]:
+    """The first ``num_jobs`` jobs ``generate`` would sample, each on its own clock (e.g. to fit them)."""
+    check_limit(context_limit_tokens, f"generate('{wf.name}')")
+    contents = _Contents(wf.hash_block_size)
+    system = {a: contents.new() for a in wf.agents}
+    with no_gc():
+        return [_Job(wf, j, seed, contents, system, context_limit_tokens).run() for j in range(num_jobs)]
+
+
+def make_workload(name: str | Workflow, *, rate: float | None = None,
+                  arrivals: ArrivalProcess | str | dict | None = None, duration_s: float | None = None,
+                  num_jobs: int | None = None, seed: int = 0, **knobs) -> pd.DataFrame:
+    """A workload by name, for experiments: a shipped workflow (or YAML path, or a ``Workflow``, e.g. one
+    returned by ``scale_to_means``) or a shared trace.
 
     Workflows: jobs arrive by ``arrivals`` or Poisson at ``rate`` jobs/s (default 1.0) for ``duration_s``
     (default 600 s) or ``num_jobs``. Traces: ``load_trace(name, seed=seed, **knobs)``; for agent-session
-    traces ``rate`` is the session rate. ``max_input_tokens`` applies to both.
+    traces ``rate`` is the session rate. ``context_limit_tokens`` applies to both.
     """
     from traces.loaders import TRACES, load_trace
 
-    if name in TRACES:
+    if isinstance(name, str) and name in TRACES:
         if duration_s is not None or num_jobs is not None:
             raise WorkloadError(f"make_workload('{name}'): a trace has its own length; use window_s or "
                                 "max_sessions instead of duration_s / num_jobs")
         if rate is not None:
             knobs["session_rate"] = rate
         return load_trace(name, arrivals=arrivals, seed=seed, **knobs)
-    unknown = set(knobs) - {"max_input_tokens"}
+    unknown = set(knobs) - {"context_limit_tokens"}
     if unknown:
-        raise WorkloadError(f"make_workload('{name}'): unknown option(s) {sorted(unknown)} for a workflow")
+        raise WorkloadError(f"make_workload('{getattr(name, 'name', name)}'): unknown option(s) {sorted(unknown)} "
+                            "for a workflow")
     process = parse_arrivals(arrivals) if arrivals is not None else Poisson(1.0 if rate is None else rate)
     if num_jobs is None and duration_s is None:
         duration_s = 600.0
     return generate(name, process, num_jobs=num_jobs, duration_s=duration_s, seed=seed, **knobs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rescaling (the same structure at another prompt / output size)
+
+SCALE_ITERATIONS = 12  # corrections scale_to_means tries before it gives up
+
+
+def scale_workflow(wf: Workflow, input_scale: float = 1.0, output_scale: float = 1.0,
+                   tool_time_scale: float = 1.0, name: str | None = None) -> Workflow:
+    """``wf`` with every prompt-side token size (system prompts, static context, inputs, compaction trigger and
+    size) times ``input_scale``, output sizes times ``output_scale`` and tool times times ``tool_time_scale``.
+    Agents, dependencies, fan-outs, loop counts and probabilities are unchanged."""
+    for knob, value in (("input_scale", input_scale), ("output_scale", output_scale),
+                        ("tool_time_scale", tool_time_scale)):
+        if not (np.isfinite(value) and value > 0):
+            raise WorkloadError(f"scale_workflow('{wf.name}'): {knob}={value} must be a finite number > 0")
+    agents = {}
+    for a, spec in wf.agents.items():
+        update = {"system_prompt_tokens": round(spec.system_prompt_tokens * input_scale),
+                  "output_tokens": spec.output_tokens.scaled(output_scale),
+                  "tool_time_s": spec.tool_time_s.scaled(tool_time_scale)}
+        for key in ("static_context_tokens", "input_tokens", "initial_input_tokens", "compacted_tokens"):
+            if getattr(spec, key) is not None:
+                update[key] = getattr(spec, key).scaled(input_scale)
+        if spec.compact_at_tokens is not None:
+            update["compact_at_tokens"] = max(1, round(spec.compact_at_tokens * input_scale))
+        agents[a] = spec.model_copy(update=update)
+    return wf.model_copy(update={"agents": agents, "name": name or wf.name})
+
+
+def scale_to_means(wf: Workflow, mean_input_tokens: float, mean_output_tokens: float, *, num_jobs: int = 200,
+                   seed: int = 0, context_limit_tokens: int | None = DEFAULT_CONTEXT_LIMIT, rtol: float = 0.02,
+                   name: str | None = None) -> Workflow:
+    """``wf`` rescaled (``scale_workflow``) so that its calls' mean prompt and mean output length, measured on
+    ``num_jobs`` jobs (those ``generate`` samples with ``seed``), are within ``rtol`` of the targets. Prompts
+    include earlier outputs and compaction caps them, so the scales are found by a few multiplicative
+    corrections, not in one step."""
+    where = f"scale_to_means('{wf.name}', {mean_input_tokens}, {mean_output_tokens})"
+    if not (mean_input_tokens > 0 and mean_output_tokens > 0):
+        raise WorkloadError(f"{where}: the target means must be > 0")
+    s_in = s_out = 1.0
+    for _ in range(SCALE_ITERATIONS):
+        scaled = scale_workflow(wf, s_in, s_out, name=name)
+        jobs = sample_jobs(scaled, num_jobs, seed, context_limit_tokens)
+        calls = sum(len(s) for s in jobs)
+        got_in = sum(int(s.input_tokens.sum()) for s in jobs) / calls
+        got_out = sum(int(s.output_tokens.sum()) for s in jobs) / calls
+        if abs(got_in / mean_input_tokens - 1) <= rtol and abs(got_out / mean_output_tokens - 1) <= rtol:
+            return scaled
+        tried = (s_in, s_out)
+        s_in *= mean_input_tokens / got_in
+        s_out *= mean_output_tokens / got_out
+    raise WorkloadError(f"{where}: no scale reaches these means (last: mean prompt {got_in:.0f}, mean output "
+                        f"{got_out:.1f} at input_scale {tried[0]:.4g}, output_scale {tried[1]:.4g}); prompts contain "
+                        f"earlier outputs and compaction caps them at context_limit_tokens={context_limit_tokens}")
