@@ -158,8 +158,8 @@ class Model:
     def linear_params(self, tp: int) -> float:
         """Weights of all layers' linear layers on one GPU (what quantization applies to)."""
         dense_layers = self.num_layers - self.num_moe_layers
-        params = self.num_layers * self.attention_params(tp) + dense_layers * self.mlp_params(tp, self.intermediate_size)
-        return params + self.num_moe_layers * self.moe_layer_params(tp)
+        dense = dense_layers * self.mlp_params(tp, self.intermediate_size)
+        return self.num_layers * self.attention_params(tp) + dense + self.num_moe_layers * self.moe_layer_params(tp)
 
     @property
     def weight_bytes_per_param(self) -> float:
@@ -186,7 +186,8 @@ class Model:
         if kv_cache_dtype == "auto":
             return self.dtype_bytes
         if kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
-            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} unknown; known: auto, {', '.join(KV_CACHE_DTYPE_BYTES)}")
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} unknown; known: auto, "
+                             f"{', '.join(KV_CACHE_DTYPE_BYTES)}")
         return KV_CACHE_DTYPE_BYTES[kv_cache_dtype]
 
     def gemm_flops_scale(self, fp8_tensor_cores: bool) -> float:
