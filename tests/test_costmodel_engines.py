@@ -42,7 +42,8 @@ def test_memory_bound_decode_follows_bandwidth_under_v1_but_not_v0():
     launch floor hides that (both ~18 ms); v1's CUDA graphs do not."""
     ratio = {}
     for engine in GPU_ENGINES:
-        h100, h200 = (make_cost_model(g, "llama-3.1-8b", 1, engine).step_time((), 1, 1024) for g in ("h100-80gb", "h200"))
+        h100, h200 = (make_cost_model(g, "llama-3.1-8b", 1, engine).step_time((), 1, 1024)
+                      for g in ("h100-80gb", "h200"))
         ratio[engine] = h100 / h200
     bandwidth = get_gpu("h200").hbm_bandwidth / get_gpu("h100-80gb").hbm_bandwidth
     assert ratio["vllm-v1"] == pytest.approx(bandwidth, rel=0.10)
