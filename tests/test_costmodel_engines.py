@@ -271,3 +271,36 @@ def test_cost_model_reads_the_engine_file_it_names():
     e = dataclasses.replace(load_engine("vllm-v1"), graph_kernel_scale=0.0)
     cm = CostModel(get_gpu("a100-40gb"), load_model("llama-3.1-8b"), 1, e)
     assert cm.step_time((), 1, 1000) < make_cost_model().step_time((), 1, 1000)
+
+
+# ---- the CPU-core calibration (experiments.calibrate_cpu), on synthetic measurements --------------------------------
+
+
+def test_cpu_fit_recovers_the_constants_that_made_the_samples():
+    from experiments.calibrate_cpu import CACHED_PREFILLS, DECODE_POINTS, FREE_ENGINE, FREE_KERNELS, Sample, fit
+
+    gpu, m = get_gpu("cpu-core"), load_model("tiny-llama")
+    truth_k = dataclasses.replace(gpu.kernels, gemm_flops_eff=0.2, prefill_attn_kernel_s=0.004)
+    truth_e = dataclasses.replace(gpu.engine(), cpu_step_s=0.005)
+    cm = CostModel(dataclasses.replace(gpu, kernels=truth_k), m, 1, truth_e)
+    samples = [Sample("prefill", n, c, cm.step_time([(n, c)], 0, 0))
+               for n, c in [(16, 0), (256, 0), (1024, 0), (1984, 0), *CACHED_PREFILLS]]
+    samples += [Sample("decode", b, c, cm.step_time((), b, b * c)) for b, c in DECODE_POINTS]
+    kernels, engine = fit(samples, "tiny-llama")
+    fitted = CostModel(dataclasses.replace(gpu, kernels=kernels), m, 1, engine)
+    for s in samples:
+        predicted = fitted.step_time([(s.new, s.cached)], 0, 0) if s.kind == "prefill" else \
+            fitted.step_time((), s.new, s.new * s.cached)
+        assert predicted == pytest.approx(s.seconds, rel=0.02)
+    assert set(FREE_KERNELS) <= {f.name for f in dataclasses.fields(kernels)}
+    assert set(FREE_ENGINE) <= {f.name for f in dataclasses.fields(engine)}
+
+
+def test_api_overhead_is_what_the_client_saw_beyond_the_engine():
+    from experiments.calibrate_cpu import Front, api_overhead
+
+    fronts = [Front(calls=10, client_ttft=1.0, client_after_first=5.0, engine_before_first=0.7, engine_decode=4.8),
+              Front(calls=30, client_ttft=2.0, client_after_first=9.0, engine_before_first=1.5, engine_decode=8.6)]
+    api = api_overhead(fronts)
+    assert api.before_first_token_s == pytest.approx((0.3 + 0.5) / 40)
+    assert api.after_finish_s == pytest.approx((0.2 + 0.4) / 40)
