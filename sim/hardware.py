@@ -84,8 +84,10 @@ class KernelCalibration:
 @dataclass(frozen=True)
 class ApiOverhead:
     """Time a call spends in the serving front end (HTTP, tokenization, hand-off to the engine, detokenization and
-    streaming), outside the engine's steps: `before_first_token_s` is added to a call's TTFT, `after_finish_s`
-    to its end-to-end latency after the last token. Constant per call: the simplest form the data supports."""
+    streaming), outside the engine's steps: `before_first_token_s` is added to a call's TTFT (request in, until the
+    first token reaches the client), `after_finish_s` to its end-to-end latency on top of that (the last token's
+    trip to the client minus the first token's, so it may be negative where the front end is slower to deliver the
+    first token than the last). Constant per call: the simplest form the data supports."""
 
     before_first_token_s: float
     after_finish_s: float
