@@ -239,7 +239,8 @@ class CostModel:
     _decode_sizes: tuple[int, ...] = field(init=False, repr=False)  # full-graph sizes for decode-only steps
     _piecewise_sizes: tuple[int, ...] = field(init=False, repr=False)  # piecewise-graph sizes for other steps
     _kv_bytes: int = field(init=False, repr=False)
-    _costs: dict = field(init=False, repr=False, compare=False)
+    _token_costs: dict = field(init=False, repr=False, compare=False)
+    _seq_costs: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.model.check_tp(self.tp)
@@ -260,7 +261,8 @@ class CostModel:
         set_(self, "_decode_sizes", tuple(s for s in sizes if s <= self.max_num_seqs))
         kernels = self.gpu.kernels.with_fixed_costs_scaled(engine.graph_kernel_scale)
         set_(self, "_graph_gpu", dataclasses.replace(self.gpu, kernels=kernels) if sizes else self.gpu)
-        set_(self, "_costs", {})
+        set_(self, "_token_costs", {})
+        set_(self, "_seq_costs", {})
 
     @property
     def api_overhead(self) -> ApiOverhead:
@@ -314,13 +316,19 @@ class CostModel:
         return self._layers * decode_attention_time(gpu or self.gpu, self.model, self.tp, num_decode, context_sum,
                                                     kv_bytes=self._kv_bytes)
 
-    def _fixed_cost(self, plan: _Plan) -> float:
-        """Linear layers, all-reduces and LM head of a plan: they depend only on its counts, so they are memoised."""
-        key = (plan.graph, plan.tokens, plan.seqs)
-        cost = self._costs.get(key)
+    def _token_cost(self, plan: _Plan) -> float:
+        """Linear layers and all-reduces: they depend only on the plan's token count, so they are memoised."""
+        key = (plan.graph, plan.tokens)
+        cost = self._token_costs.get(key)
         if cost is None:
-            cost = self._costs[key] = (self.linear(plan.tokens, plan.linear_gpu) + self.all_reduce(plan.tokens)) + \
-                self.lm_head(plan.seqs, plan.linear_gpu)
+            cost = self._token_costs[key] = self.linear(plan.tokens, plan.linear_gpu) + self.all_reduce(plan.tokens)
+        return cost
+
+    def _seq_cost(self, plan: _Plan) -> float:
+        key = (plan.graph, plan.seqs)
+        cost = self._seq_costs.get(key)
+        if cost is None:
+            cost = self._seq_costs[key] = self.lm_head(plan.seqs, plan.linear_gpu)
         return cost
 
     def _finish(self, plan: _Plan, gpu_s, seqs: int, sqrt: Callable = math.sqrt, maximum: Callable = max):
@@ -344,7 +352,7 @@ class CostModel:
             attn += prefill_attention_time(g, self.model, self.tp, new, cached, kv)
         if num_decode:
             attn += decode_attention_time(g, self.model, self.tp, num_decode, decode_context_sum, kv_bytes=kv)
-        return self._finish(plan, self._fixed_cost(plan) + self._layers * attn, seqs)
+        return self._finish(plan, self._token_cost(plan) + self._layers * attn + self._seq_cost(plan), seqs)
 
     def decode_step_times(self, num_decode: int, context_sum: int, k: int) -> np.ndarray:
         """Times of k consecutive decode-only steps; step i has context sum context_sum + i*num_decode.
@@ -356,7 +364,7 @@ class CostModel:
         context_sums = context_sum + np.arange(k, dtype=np.int64) * num_decode
         attn = 0.0 + decode_attention_time(plan.attention_gpu, self.model, self.tp, num_decode, context_sums,
                                            np.maximum, self._kv_bytes)
-        gpu_s = self._fixed_cost(plan) + self._layers * attn
+        gpu_s = self._token_cost(plan) + self._layers * attn + self._seq_cost(plan)
         return np.asarray(self._finish(plan, gpu_s, num_decode, np.sqrt, np.maximum), dtype=np.float64)
 
     def breakdown(
