@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.engine import EngineConfig, simulate_replica
+from frontend.engine_args import EngineArgs
+from sim.engine import simulate_replica
 from traces.schema import make_table
 
 TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl.gz"
@@ -61,7 +62,7 @@ def load_mooncake(n: int | None) -> pd.DataFrame:
     }, str(TRACE))
 
 
-def run(table: pd.DataFrame, replicas: int, cost, cfg: EngineConfig, coalesce: bool) -> tuple[float, pd.DataFrame]:
+def run(table: pd.DataFrame, replicas: int, cost, cfg: EngineArgs, coalesce: bool) -> tuple[float, pd.DataFrame]:
     """CPU seconds (this process, one core: robust on a shared machine) and the per-request results."""
     t0 = time.process_time()
     parts = [simulate_replica(table.iloc[r::replicas].reset_index(drop=True), cost, cfg, coalesce=coalesce)
@@ -81,7 +82,7 @@ def main() -> None:
 
     table = load_mooncake(args.n)
     cost, blocks, what = cost_and_blocks(args.gpu, args.model, 16, args.analytic)
-    cfg = EngineConfig(num_gpu_blocks=blocks)
+    cfg = EngineArgs(num_gpu_blocks_override=blocks)
     print(f"{len(table)} Mooncake requests on {args.replicas} replicas; cost: {what}; {blocks} KV blocks")
     modes = [True, False] if args.both else [True]
     results = {}

@@ -23,7 +23,7 @@ import policies.rl  # noqa: F401  (these three fill the registries)
 import policies.routers  # noqa: F401
 import policies.scalers  # noqa: F401
 from experiments.common import REFERENCE_LOAD
-from policies.api import ROUTERS, SCALERS, make_router, make_scaler
+from policies.registry import ROUTERS, SCALERS, make_router, make_scaler
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.workflow import make_workload
 

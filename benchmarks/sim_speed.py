@@ -15,7 +15,7 @@ import argparse
 import importlib.util
 import time
 
-from policies.api import make_router
+from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.loaders import load_trace
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from real.config import RealConfig
+from real.config import CPU_BLOCK_MULTIPLE, RealConfig
 from sim.cluster import ClusterConfig
 
 MAX_MODEL_LEN = 32_768  # covers every call of the shipped workflows (the longest is ~25K tokens)
-CPU_BLOCK_SIZE = 32  # vLLM's CPU attention only takes multiples of 32
 
 
 def model_dir(model: str) -> str:
@@ -65,13 +65,11 @@ def real_config(*, model: str | None = None, gpus: str | None = None, cores: str
         raise SystemExit(f"--model {model}: cannot read {path}/config.json ({e})") from None
     where: dict = ({"gpus": device_ids(gpus, "--gpus"), "tensor_parallel_size": tp, "dtype": "auto"} if gpus
                    else {"cores": device_ids(cores, "--cores")} if cores else {"urls": tuple(urls)})
+    engine = replace(base.engine, max_model_len=min(max_len, MAX_MODEL_LEN))
+    if not gpus:
+        engine = replace(engine, block_size=max(CPU_BLOCK_MULTIPLE, engine.block_size))
     try:
-        return RealConfig(
-            model=path, **where,
-            block_size=base.block_size if gpus else max(CPU_BLOCK_SIZE, base.block_size),
-            max_num_seqs=base.max_num_seqs, max_num_batched_tokens=base.max_num_batched_tokens,
-            enable_prefix_caching=base.enable_prefix_caching, num_gpu_blocks=base.num_gpu_blocks_override or 0,
-            gpu_memory_utilization=base.gpu_memory_utilization, max_model_len=min(max_len, MAX_MODEL_LEN),
-            control_interval_s=base.control_interval_s, record_token_times=False)
+        return RealConfig(model=path, **where, engine=engine, control_interval_s=base.control_interval_s,
+                          record_token_times=False)
     except ValueError as e:
         raise SystemExit(str(e)) from None

@@ -40,6 +40,7 @@ import aiohttp
 import numpy as np
 
 from experiments.backend import model_dir
+from frontend.engine_args import EngineArgs
 from real.client import fetch_text, stream_completion
 from real.config import RealConfig
 from real.launcher import Launcher
@@ -269,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         cores = tuple(int(c) for c in args.cores.split(","))
     except ValueError:
         raise SystemExit(f"--cores {args.cores!r}: expected comma-separated core numbers, e.g. 0,1") from None
-    cfg = RealConfig(model=model_dir(args.model), cores=cores, num_replicas=len(cores), max_num_seqs=16,
-                     max_num_batched_tokens=2048, num_gpu_blocks=2048, max_model_len=2048, urls=tuple(args.url))
+    engine_args = EngineArgs(block_size=32, max_num_seqs=16, max_num_batched_tokens=2048,
+                             num_gpu_blocks_override=2048, max_model_len=2048)
+    cfg = RealConfig(model=model_dir(args.model), cores=cores, num_replicas=len(cores), engine=engine_args,
+                     urls=tuple(args.url))
     samples, fronts = measure(cfg, args.repeats)
     kernels, engine = fit(samples, args.model)
     engine = dataclasses.replace(engine, api_overhead=api_overhead(fronts))

@@ -17,12 +17,13 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from experiments.metrics import summarize  # noqa: E402
-from policies.api import make_router, make_scaler  # noqa: E402
-from sim.cluster import ClusterConfig, SimResult, simulate  # noqa: E402
+from frontend.results import Results  # noqa: E402
+from policies.registry import make_router, make_scaler  # noqa: E402
+from sim.cluster import ClusterConfig, simulate  # noqa: E402
 from traces.workflow import make_workload  # noqa: E402
 
 if TYPE_CHECKING:
-    from real import RealConfig, RealResult
+    from real import RealConfig
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,11 @@ def policies(sys: System):
     return router, make_scaler(sys.scaler, **sys.scaler_params) if sys.scaler else None
 
 
-def run_system(table: pd.DataFrame, sys: System, base: ClusterConfig | None = None) -> SimResult:
+def run_system(table: pd.DataFrame, sys: System, base: ClusterConfig | None = None) -> Results:
     return simulate(table, cluster_config(sys, base), *policies(sys))
 
 
-def summary_row(res: SimResult | RealResult, **labels: object) -> dict:
+def summary_row(res: Results, **labels: object) -> dict:
     return {**labels, **summarize(res.requests, res.jobs, res.timeseries, res.cluster)}
 
 
@@ -96,11 +97,11 @@ def workload_table(p: Point) -> pd.DataFrame:
     return make_workload(p.workload, rate=p.rate, duration_s=p.duration_s, seed=p.seed)
 
 
-def run_point(p: Point) -> SimResult:
+def run_point(p: Point) -> Results:
     return run_system(workload_table(p), system(p.system))
 
 
-def run_point_real(p: Point, servers: RealConfig) -> RealResult:
+def run_point_real(p: Point, servers: RealConfig) -> Results:
     """The same point on real vLLM servers, in wall-clock time: the system starts ``servers.capacity``
     replicas (or its own initial count), and the same router and scaler objects drive them."""
     import real

@@ -20,7 +20,7 @@ import pandas as pd
 from experiments.common import parallel_map, summary_row
 from experiments.metrics import gpus_series
 from experiments.train_scaler import plot_curve
-from policies.api import make_router, make_scaler
+from policies.registry import make_router, make_scaler
 from policies.rl import DEFAULT_CHECKPOINT, read_checkpoint_meta
 from sim.cluster import simulate
 from sim.env import EnvConfig, sample_episode

@@ -35,7 +35,7 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize  # noqa: E402
 
-from policies.api import make_scaler  # noqa: E402
+from policies.registry import make_scaler  # noqa: E402
 from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names  # noqa: E402
 from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout  # noqa: E402
 

@@ -28,7 +28,8 @@ import pandas as pd
 
 from experiments.common import write
 from experiments.metrics import queue_series
-from policies.api import make_router
+from frontend.engine_args import EngineArgs
+from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.schema import validate
 from traces.workflow import make_workload
@@ -37,7 +38,8 @@ NAME = "validate"
 ROUTER = "cache_aware"
 DEVICE, MODEL = "cpu-core", "tiny-llama"
 # The servers' engine knobs, shared by both backends.
-BLOCK_SIZE, NUM_GPU_BLOCKS, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN = 32, 640, 16, 2048, 2048
+ENGINE = EngineArgs(block_size=32, num_gpu_blocks_override=640, max_num_seqs=16, max_num_batched_tokens=2048,
+                    max_model_len=2048)
 # The workload, shrunk to the tiny model: jobs/s, prompts cut to fit, outputs and tool times scaled down.
 JOB_RATE, MAX_INPUT_TOKENS, OUTPUT_SCALE, MAX_OUTPUT_TOKENS, THINK_SCALE = 1.0, 1536, 1 / 8, 256, 0.1
 SAMPLE_INTERVAL_S = 0.25
@@ -48,7 +50,7 @@ def workload(quick: bool, seed: int) -> pd.DataFrame:
     table = make_workload("coding-assistant", rate=JOB_RATE, num_jobs=5 if quick else 12, seed=seed,
                           max_input_tokens=MAX_INPUT_TOKENS)
     out = np.ceil(table["output_tokens"].to_numpy() * OUTPUT_SCALE).astype(np.int64)
-    room = MAX_MODEL_LEN - table["input_tokens"].to_numpy()
+    room = ENGINE.max_model_len - table["input_tokens"].to_numpy()
     table["output_tokens"] = np.clip(out, 1, np.minimum(MAX_OUTPUT_TOKENS, room))
     table["think_s"] = table["think_s"] * THINK_SCALE
     validate(table, "validate workload")
@@ -56,9 +58,7 @@ def workload(quick: bool, seed: int) -> pd.DataFrame:
 
 
 def sim_config() -> ClusterConfig:
-    return ClusterConfig(gpu=DEVICE, num_gpus=2, pools=(PoolConfig(model=MODEL, initial_replicas=2),),
-                         block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
-                         max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, num_gpu_blocks_override=NUM_GPU_BLOCKS,
+    return ClusterConfig(gpu=DEVICE, num_gpus=2, pools=(PoolConfig(model=MODEL, initial_replicas=2),), engine=ENGINE,
                          sample_interval_s=SAMPLE_INTERVAL_S)
 
 
@@ -66,9 +66,7 @@ def run_real(table: pd.DataFrame):
     from experiments.backend import model_dir
     from real import RealConfig, execute
 
-    cfg = RealConfig(model=model_dir(MODEL), num_replicas=2, cores=(0, 1), block_size=BLOCK_SIZE,
-                     max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-                     num_gpu_blocks=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN,
+    cfg = RealConfig(model=model_dir(MODEL), num_replicas=2, cores=(0, 1), engine=ENGINE,
                      scrape_interval_s=SAMPLE_INTERVAL_S, record_token_times=False)
     return execute(table, cfg, make_router(ROUTER))
 

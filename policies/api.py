@@ -8,7 +8,7 @@ Nothing here may import ``sim`` or ``real``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -109,27 +109,3 @@ class Router(Protocol):
 @runtime_checkable
 class Scaler(Protocol):
     def decide(self, obs: ClusterObservation) -> ScaleAction: ...
-
-
-# name -> factory(**params). Filled by policies.routers / policies.scalers at import.
-ROUTERS: dict[str, Callable[..., Router]] = {}
-SCALERS: dict[str, Callable[..., Scaler]] = {}
-
-
-def _lookup(registry: dict[str, Callable], kind: str, name: str, params: dict) -> object:
-    if name not in registry:
-        raise KeyError(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(registry))}")
-    return registry[name](**params)
-
-
-def make_router(name: str, **params: object) -> Router:
-    import policies.routers  # noqa: F401  (fills ROUTERS)
-
-    return _lookup(ROUTERS, "router", name, params)  # type: ignore[return-value]
-
-
-def make_scaler(name: str, **params: object) -> Scaler:
-    import policies.rl  # noqa: F401  (adds "rl"; stable-baselines3 is imported only when one is made)
-    import policies.scalers  # noqa: F401  (fills SCALERS)
-
-    return _lookup(SCALERS, "scaler", name, params)  # type: ignore[return-value]

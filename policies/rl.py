@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from policies.api import SCALERS, ClusterObservation, PoolObservation, ScaleAction, Scaler, make_scaler
+from policies.api import ClusterObservation, PoolObservation, ScaleAction, Scaler
 from policies.scalers import fit_to_gpus
 
 # The version of the policy's interface: the features (per pool POOL_FEATURES, then the free GPU share,
@@ -236,18 +236,19 @@ class RLScaler:
     """A trained stable-baselines3 policy behind the ``Scaler`` interface (simulator and real executor alike).
 
     ``path`` is a checkpoint stem (or its .zip / .json); ``min_replicas`` overrides the trained floor. A
-    residual policy brings its own fresh base scaler (``meta["residual_of"]``, from the scaler registry).
+    residual policy brings its own fresh base scaler (``meta["residual_of"]``), made by ``make_base`` (the scaler
+    registry's ``make_scaler``, passed in so that this module does not import the registry that lists it).
     """
 
     def __init__(self, path: str | Path = DEFAULT_CHECKPOINT, min_replicas: int | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, *, make_base: Callable[[str], Scaler]):
         self.meta = read_checkpoint_meta(path)
         from stable_baselines3 import PPO
 
         self.model = PPO.load(checkpoint_paths(path)[0], device="cpu")
         self.pools: list[str] = list(self.meta["pools"])
         residual_of = self.meta["residual_of"]
-        self.residual = (Residual(make_scaler(residual_of), self.pools, int(self.meta["max_offset"]))
+        self.residual = (Residual(make_base(residual_of), self.pools, int(self.meta["max_offset"]))
                          if residual_of else None)
         self.encoder = FeatureEncoder(self.pools, int(self.meta["history"]), residual=self.residual is not None)
         expected = (self.encoder.size,)
@@ -266,5 +267,3 @@ class RLScaler:
         return ScaleAction(targets_from_action(obs, np.atleast_1d(action), self.pools, self.min_replicas,
                                                self.residual))
 
-
-SCALERS["rl"] = RLScaler

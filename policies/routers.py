@@ -3,8 +3,8 @@
 Every router sees only what a real front end sees (``RequestInfo``, each replica's ``ReplicaView``) plus
 its own records; prefix-aware routers remember what they sent where in a ``PrefixIndex``, as
 sglang-router and llm-d do. Routers are deterministic: ties break by replica id, and the randomized ones
-draw from ``random.Random(seed)``. Registered by name in ``policies.api.ROUTERS`` (see the bottom);
-constructor keyword arguments are the configuration.
+draw from ``random.Random(seed)``. Registered by name in ``policies.registry.ROUTERS``; constructor keyword
+arguments are the configuration.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from policies.api import ROUTERS, ReplicaView, RequestInfo
+from policies.api import ReplicaView, RequestInfo
 from policies.prefix_index import PrefixIndex
 
 # Prefix-index bound for a replica that does not report its KV capacity (vllm:cache_config_info missing).
@@ -356,14 +356,3 @@ class Pythia:
         self._long_set[request.pool] = members
         return [by_id[rid] for rid in members]
 
-
-ROUTERS.update({
-    "round_robin": RoundRobin,
-    "random": Random,
-    "least_loaded": LeastLoaded,
-    "power_of_two": PowerOfTwo,
-    "session_affinity": SessionAffinity,
-    "cache_aware": CacheAware,
-    "preble": Preble,
-    "pythia": Pythia,
-})

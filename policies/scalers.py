@@ -3,8 +3,7 @@
 A scaler sees one ``ClusterObservation`` per control interval and keeps whatever per-pool history it
 needs between calls. Its targets count active replicas (starting + ready, as the front end counts them);
 every scaler asks for at least ``min_replicas`` and at most what the free GPUs allow (``fit_to_gpus``).
-Registered by name in ``policies.api.SCALERS`` (see the bottom); constructor keyword arguments are the
-configuration.
+Registered by name in ``policies.registry.SCALERS``; constructor keyword arguments are the configuration.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from policies.api import SCALERS, ClusterObservation, PoolObservation, ReplicaView, ScaleAction
+from policies.api import ClusterObservation, PoolObservation, ReplicaView, ScaleAction
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +307,3 @@ class Pythia:
             self._tokens_per_s[name] = a * measured + (1 - a) * old
         return self._arrival_rate[name], mean_call
 
-
-SCALERS.update({
-    "static": Static,
-    "hpa": HPA,
-    "kpa": KPA,
-    "pythia": Pythia,
-})

@@ -1,8 +1,8 @@
-"""What the real executor runs: which servers, with which vLLM engine knobs, and how it drives them.
+"""What the real executor runs: which servers, with which vLLM engine arguments, and how it drives them.
 
-The engine knobs carry vLLM's own names, the same as the simulator's ``ClusterConfig``, so one set of
-numbers configures both backends. ``block_size`` defaults to 32 because vLLM's CPU attention only
-accepts multiples of 32.
+The engine arguments are the simulator's own ``EngineArgs`` object (``RealConfig.engine``, like
+``ClusterConfig.engine``), so one object configures both backends. Servers on CPU cores need a ``block_size``
+that is a multiple of 32 (vLLM's CPU attention only accepts those).
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from frontend.engine_args import EngineArgs
+
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend: block_size must be a multiple of this
 
 # How the executor drives the servers: one setting per run, so every pool's RealConfig must agree on them.
 EXECUTOR_FIELDS = ("control_interval_s", "scrape_interval_s", "request_timeout_s", "retry_failed", "record_token_times")
@@ -26,17 +30,11 @@ class RealConfig:
     cores: tuple[int, ...] = ()  # launch mode on CPU: cores, one per server (empty: all usable cores)
     gpus: tuple[int, ...] = ()  # launch mode on GPUs: CUDA device ids, tensor_parallel_size per server
     tensor_parallel_size: int = 1  # GPUs per server (consecutive ids of `gpus`)
-    gpu_memory_utilization: float = 0.9  # GPU servers: the share of each GPU's memory vLLM may use
     max_replicas: int = 0  # scaling ceiling; 0: len(urls) when attaching, number of cores when launching
     pool: str = "default"  # the pool these replicas form (execute() takes several RealConfigs for several pools)
-    # vLLM engine knobs (flags of the launched servers; in attach mode, what the servers were started with)
-    block_size: int = 32
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    num_gpu_blocks: int = 0  # --num-gpu-blocks-override; 0: vLLM sizes the cache from kv_cache_space_gib
-    kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (integer GiB)
-    max_model_len: int = 2048
+    # vLLM engine arguments: flags of the launched servers; in attach mode, what the servers were started with
+    engine: EngineArgs = EngineArgs()
+    kv_cache_space_gib: int = 1  # CPU servers without num_gpu_blocks_override: VLLM_CPU_KVCACHE_SPACE (integer GiB)
     dtype: str = "float32"
     load_format: str = "dummy"
     enforce_eager: bool = True  # skips a ~25 s torch.compile per server start
@@ -70,8 +68,9 @@ class RealConfig:
                              f"tensor_parallel_size={self.tensor_parallel_size}; list a multiple of it")
         if len(set(self.gpus)) != len(self.gpus) or len(set(self.cores)) != len(self.cores):
             raise ValueError(f"RealConfig: gpus={self.gpus} / cores={self.cores} list a device twice")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"RealConfig: gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if not self.gpus and self.launch and self.engine.block_size % CPU_BLOCK_MULTIPLE:
+            raise ValueError(f"RealConfig: engine.block_size={self.engine.block_size}, but vLLM's CPU attention takes "
+                             f"only multiples of {CPU_BLOCK_MULTIPLE}; use EngineArgs(block_size=32) for CPU servers")
         if self.num_replicas > self.capacity:
             raise ValueError(f"RealConfig: num_replicas={self.num_replicas} exceeds max_replicas={self.capacity}")
         for name in ("control_interval_s", "scrape_interval_s", "startup_timeout_s", "request_timeout_s"):
@@ -106,14 +105,21 @@ class RealConfig:
         return self.max_replicas or (len(self.urls) if self.urls else len(self.placements))
 
     def resolved_vocab_size(self) -> int:
-        if self.vocab_size:
-            return self.vocab_size
+        return self.vocab_size or self._model_field("vocab_size", "set RealConfig.vocab_size to the model's "
+                                                                  "vocabulary size")
+
+    def resolved_max_model_len(self) -> int:
+        """The servers' context window: ``engine.max_model_len``, else the model's ``max_position_embeddings``
+        (what vLLM takes when the flag is not given)."""
+        return self.engine.max_model_len or self._model_field(
+            "max_position_embeddings", "set EngineArgs.max_model_len")
+
+    def _model_field(self, name: str, fix: str) -> int:
         path = Path(self.model) / "config.json"
         try:
-            return int(json.loads(path.read_text())["vocab_size"])
+            return int(json.loads(path.read_text())[name])
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"RealConfig: cannot read vocab_size from {path} ({e}); set RealConfig.vocab_size "
-                             f"to the model's vocabulary size") from None
+            raise ValueError(f"RealConfig: cannot read {name} from {path} ({e}); {fix}") from None
 
 
 def pools_of(cfg: RealConfig | Sequence[RealConfig], agent_pools: Mapping[str, str]) -> dict[str, RealConfig]:

@@ -70,19 +70,14 @@ def live_servers() -> list[Server]:
 def server_argv(cfg: RealConfig, port: int) -> list[str]:
     """The vLLM command line for one replica, from the same knobs the simulator uses."""
     argv = [cfg.python, "-m", ENTRY_MODULE, "--model", cfg.model, "--load-format", cfg.load_format,
-            "--dtype", cfg.dtype, "--skip-tokenizer-init", "--seed", "0",
-            "--block-size", str(cfg.block_size), "--max-model-len", str(cfg.max_model_len),
-            "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-            "--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching",
+            "--dtype", cfg.dtype, "--skip-tokenizer-init", "--seed", "0", *cfg.engine.server_args(),
             "--enable-prompt-tokens-details", "--disable-uvicorn-access-log",
             "--host", "127.0.0.1", "--port", str(port)]
     if cfg.on_gpus:
         argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size),
-                 "--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+                 "--gpu-memory-utilization", str(cfg.engine.gpu_memory_utilization)]
     if cfg.enforce_eager:
         argv.append("--enforce-eager")
-    if cfg.num_gpu_blocks:
-        argv += ["--num-gpu-blocks-override", str(cfg.num_gpu_blocks)]
     return argv + list(cfg.extra_server_args)
 
 

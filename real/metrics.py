@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from policies.frontend import ReplicaMetrics
+from frontend.ledger import ReplicaMetrics
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')

@@ -28,7 +28,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import astuple, dataclass, fields
 from itertools import accumulate
 from typing import Protocol
 
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from frontend.engine_args import EngineArgs
 from sim.kvcache import KVCache, extend_block_hashes
 from traces.schema import validate
 
@@ -52,17 +53,6 @@ class CostModel(Protocol):
     def decode_step_times(self, num_decode: int, context_sum: int, k: int) -> np.ndarray:
         """``k`` decode-only steps (context sum grows by num_decode per step), bit-identical to step_time."""
         ...
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    num_gpu_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    coalesce_steps: bool = True
 
 
 @dataclass
@@ -155,20 +145,19 @@ class _StepBoundary(simpy.events.Event):
         env.schedule(self, _BOUNDARY, delay)
 
 
-class Replica:
+class Engine:
     """One vLLM engine. Metrics (``num_running``, ``num_waiting``, ``kv_usage``, ``prefix_cache_queries``,
     ``prefix_cache_hits``, ``num_preemptions``) are the /metrics equivalents, valid at any time."""
 
-    def __init__(self, env: simpy.Environment, replica_id: int, cost: CostModel, cfg: EngineConfig,
+    def __init__(self, env: simpy.Environment, replica_id: int, cost: CostModel, args: EngineArgs,
+                 num_gpu_blocks: int, *, coalesce_steps: bool = True,
                  on_finish: Callable[[RequestRecord], None] | None = None,
                  on_first_token: Callable[[int, float], None] | None = None):
-        if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_seqs={cfg.max_num_seqs} and max_num_batched_tokens="
-                             f"{cfg.max_num_batched_tokens} must be >= 1")
-        self.env, self.replica_id, self.cost, self.cfg = env, replica_id, cost, cfg
+        self.env, self.replica_id, self.cost, self.args = env, replica_id, cost, args
+        self.coalesce_steps = coalesce_steps
         self.on_finish, self.on_first_token = on_finish, on_first_token
-        self.kv = KVCache(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.num_gpu_blocks, self.block_size = cfg.num_gpu_blocks, cfg.block_size
+        self.kv = KVCache(num_gpu_blocks, args.block_size, args.enable_prefix_caching)
+        self.num_gpu_blocks, self.block_size = num_gpu_blocks, args.block_size
         self.running: list[_Seq] = []
         self.waiting: deque[_Seq] = deque()
         self.prefix_cache_queries = 0  # tokens looked up at first schedulings (vllm:prefix_cache_queries)
@@ -204,19 +193,19 @@ class Replica:
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, req: SimRequest) -> None:
         """Queue a request (arrival = now); it joins the batch at the next step boundary."""
-        cfg = self.cfg
+        args = self.args
         max_tokens = max(1, req.output_len)
-        need = -(-(req.prompt_len + max_tokens - 1) // cfg.block_size)
+        need = -(-(req.prompt_len + max_tokens - 1) // args.block_size)
         if need > self.kv.num_usable_blocks:
             raise ValueError(
                 f"request {req.request_id}: prompt_len={req.prompt_len} + output_len={max_tokens} needs {need} KV "
-                f"blocks of {cfg.block_size} tokens, but replica {self.replica_id} holds only "
-                f"{self.kv.num_usable_blocks} ({self.kv.num_usable_blocks * cfg.block_size} tokens); it could never "
+                f"blocks of {args.block_size} tokens, but replica {self.replica_id} holds only "
+                f"{self.kv.num_usable_blocks} ({self.kv.num_usable_blocks * args.block_size} tokens); it could never "
                 f"run. Use a GPU/model with more KV memory or drop the request")
-        if not cfg.enable_chunked_prefill and req.prompt_len + max_tokens - 1 > cfg.max_num_batched_tokens:
+        if not args.enable_chunked_prefill and req.prompt_len + max_tokens - 1 > args.max_num_batched_tokens:
             raise ValueError(
                 f"request {req.request_id}: prompt_len={req.prompt_len} (+ {max_tokens - 1} generated tokens "
-                f"to recompute after a preemption) exceeds max_num_batched_tokens={cfg.max_num_batched_tokens} "
+                f"to recompute after a preemption) exceeds max_num_batched_tokens={args.max_num_batched_tokens} "
                 f"with chunked prefill disabled; enable chunked prefill or raise max_num_batched_tokens")
         self.waiting.append(_Seq(req, self.env.now))
         if self._proc is None:
@@ -230,7 +219,7 @@ class Replica:
         env = self.env
         yield _StepBoundary(env, 0.0)  # start once every arrival of this instant is queued
         while self.running or self.waiting:
-            w = self._plan_window() if self.cfg.coalesce_steps else None
+            w = self._plan_window() if self.coalesce_steps else None
             if w is None:
                 batch = self._schedule()
                 self.num_steps += 1
@@ -255,8 +244,8 @@ class Replica:
 
     def _schedule(self) -> list[tuple[_Seq, int]]:
         """One vLLM ``Scheduler.schedule()``: (request, tokens to compute) for this step."""
-        cfg, bs = self.cfg, self.block_size
-        budget = cfg.max_num_batched_tokens
+        args, bs = self.args, self.block_size
+        budget = args.max_num_batched_tokens
         running = self.running
         batch: list[tuple[_Seq, int]] = []
         preemptions = self.num_preemptions
@@ -274,12 +263,12 @@ class Replica:
         if self.num_preemptions > preemptions:  # vLLM admits no waiting request in a step that preempted
             return batch
         waiting = self.waiting
-        while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+        while waiting and budget > 0 and len(running) < args.max_num_seqs:
             s = waiting[0]
             hit = self._lookup(s)
             hit_tokens = len(hit) * bs
             n = s.num_tokens - hit_tokens
-            if not cfg.enable_chunked_prefill and n > budget:
+            if not args.enable_chunked_prefill and n > budget:
                 break
             n = min(n, budget)
             if not self._allocate(s, hit_tokens, n, hit):
@@ -290,7 +279,7 @@ class Replica:
             if s.num_cached_tokens < 0:
                 s.scheduled_s = self.env.now
                 s.num_cached_tokens = hit_tokens
-                if cfg.enable_prefix_caching:
+                if args.enable_prefix_caching:
                     self.prefix_cache_queries += s.num_tokens
                     self.prefix_cache_hits += hit_tokens
             batch.append((s, n))
@@ -299,7 +288,7 @@ class Replica:
 
     def _lookup(self, s: _Seq) -> list[int]:
         """vLLM ``get_computed_blocks``: cached prefix blocks, leaving at least the last token to compute."""
-        if not self.cfg.enable_prefix_caching:
+        if not self.args.enable_prefix_caching:
             return []
         kv = self.kv
         max_blocks = (s.num_tokens - 1) // self.block_size
@@ -329,7 +318,7 @@ class Replica:
 
     def _cache_full_blocks(self, s: _Seq, num_full: int) -> None:
         """Register the request's blocks that are full by now (vLLM does it when it allocates them)."""
-        if num_full > s.num_cached_blocks and self.cfg.enable_prefix_caching:
+        if num_full > s.num_cached_blocks and self.args.enable_prefix_caching:
             if len(s.hashes) < num_full:
                 extend_block_hashes(s.hashes, s.req, self.block_size, num_full)
             self.kv.cache_full_blocks(s.blocks, s.hashes, s.num_cached_blocks, num_full)
@@ -402,10 +391,10 @@ class Replica:
     # --- step coalescing ------------------------------------------------------------------------
     def _plan_window(self) -> _Window | None:
         """The longest run of decode-only steps, from now, whose batch nothing can change; None if < 2."""
-        cfg, kv, bs = self.cfg, self.kv, self.block_size
+        args, kv, bs = self.args, self.kv, self.block_size
         running = self.running
         num = len(running)
-        if num == 0 or num > cfg.max_num_batched_tokens or not all(s.decoding() for s in running):
+        if num == 0 or num > args.max_num_batched_tokens or not all(s.decoding() for s in running):
             return None
         k = min(s.max_tokens - s.num_output for s in running)  # the last step is the first completion
         if k < 2:
@@ -437,9 +426,9 @@ class Replica:
         does not). Within a decode-only run the free queue only shrinks and the head's needs stay put
         until a step evicts one of its cache hits. Tail-first freeing means such an eviction usually
         lowers need and supply alike, but not provably always (duplicate blocks), so the run stops there."""
-        cfg, kv = self.cfg, self.kv
-        budget = cfg.max_num_batched_tokens - len(self.running)
-        if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+        args, kv = self.args, self.kv
+        budget = args.max_num_batched_tokens - len(self.running)
+        if budget <= 0 or len(self.running) >= args.max_num_seqs:
             return k  # not even tried: nothing in a decode-only run changes that
         s = self.waiting[0]
         hit = self._lookup(s)  # also makes the head's hits the cache's watched blocks
@@ -449,7 +438,7 @@ class Replica:
                 return 0
         hit_tokens = len(hit) * self.block_size
         n = s.num_tokens - hit_tokens
-        if not cfg.enable_chunked_prefill and n > budget:
+        if not args.enable_chunked_prefill and n > budget:
             return k
         need = kv.num_blocks_to_allocate(0, hit_tokens + min(n, budget), hit)
         return k if need > kv.num_free_blocks - allocs[0] else 0
@@ -468,16 +457,17 @@ class Replica:
         self._finish_done([s for s in w.seqs if s.num_output >= s.max_tokens])
 
 
-def simulate_replica(table: pd.DataFrame, cost: CostModel, cfg: EngineConfig,
-                     coalesce: bool | None = None) -> pd.DataFrame:
-    """Replay a canonical table (arrival_s, ignoring parents) on one replica; one row per request (RequestRecord
-    fields), in table order."""
+def simulate_replica(table: pd.DataFrame, cost: CostModel, args: EngineArgs, coalesce: bool = True) -> pd.DataFrame:
+    """Replay a canonical table (arrival_s, ignoring parents) on one replica with ``args.num_gpu_blocks_override``
+    KV blocks; one row per request (RequestRecord fields), in table order."""
     validate(table, "simulate_replica(table)")
-    if coalesce is not None:
-        cfg = replace(cfg, coalesce_steps=coalesce)
+    if args.num_gpu_blocks_override is None:
+        raise ValueError("simulate_replica: set EngineArgs.num_gpu_blocks_override (a lone replica has no GPU to "
+                         "size its KV cache from)")
     env = simpy.Environment()
     records: list[RequestRecord] = []
-    replica = Replica(env, 0, cost, cfg, on_finish=records.append)
+    replica = Engine(env, 0, cost, args, args.num_gpu_blocks_override, coalesce_steps=coalesce,
+                      on_finish=records.append)
     reqs = [SimRequest(int(r), int(p), int(o), tuple(h), int(b)) for r, p, o, h, b in zip(
         table["request_id"], table["input_tokens"], table["output_tokens"], table["block_hashes"],
         table["hash_block_size"], strict=True)]

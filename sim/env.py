@@ -45,8 +45,10 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from policies.api import ClusterObservation, Scaler, make_router, make_scaler
-from policies.frontend import CallRecord
+from frontend.engine_args import EngineArgs
+from frontend.ledger import CallRecord
+from policies.api import ClusterObservation, Scaler
+from policies.registry import make_router, make_scaler
 from policies.rl import FEATURE_CLIP, FeatureEncoder, Residual, check_max_offset, targets_from_action
 from sim.cluster import ClusterConfig, PoolConfig, Simulation
 from traces.arrivals import OnOff
@@ -119,6 +121,7 @@ class EnvConfig:
         d = dict(d)
         cluster = dict(d.pop("cluster"))
         cluster["pools"] = tuple(PoolConfig(**p) for p in cluster["pools"])
+        cluster["engine"] = EngineArgs(**cluster["engine"])
         tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
         return cls(cluster=ClusterConfig(**cluster), **{**d, **tuples})
 
@@ -255,7 +258,7 @@ class ScalingEnv(gym.Env):
 
     def _observe(self) -> np.ndarray:
         """Observe the cluster, let the base scaler (if any) decide on it, and encode both."""
-        self._obs = obs = self.sim.cluster.observe()
+        self._obs = obs = _observe_interval(self.sim)
         if self.residual:
             self.residual.observe(obs)
         return self.encoder.encode(obs, self.residual)
@@ -283,7 +286,7 @@ class ScalingEnv(gym.Env):
         own = self.score(violations, gpu_seconds)
         reward = own
         if self.shadow:
-            base = self.shadow_scaler.decide(self.shadow.sim.cluster.observe()).target_replicas
+            base = self.shadow_scaler.decide(_observe_interval(self.shadow.sim)).target_replicas
             reward -= self.score(*self.shadow.interval(base, now, self.interval_s)[1:])
         info = {"slo_violations": violations, "gpu_seconds": gpu_seconds, "own_reward": own,
                 "replicas": {p: self._obs.pools[p].num_active for p in self.pools}}
@@ -298,19 +301,25 @@ class _Replay:
     """One simulated run of an episode, advanced a control interval at a time (the agent's, or the shadow)."""
 
     def __init__(self, episode: Episode, router: str):
-        self.sim = Simulation(episode.table, episode.cluster, make_router(router))
-        self.deadlines = _Deadlines(self.sim.front.calls)
+        self.sim = Simulation(episode.table, episode.cluster, make_router(router), controlled=True)
+        self.deadlines = _Deadlines(self.sim.front.ledger.calls)
 
     def interval(self, targets: dict[str, int], until: float, interval_s: float) -> tuple[bool, int, float]:
         """Apply ``targets``, run to ``until``: (all calls finished, calls late in it, GPU-seconds held)."""
-        cluster = self.sim.cluster
-        cluster.apply(targets)
-        gpus_before = cluster.gpus_in_use()
+        front = self.sim.front
+        front.apply(targets)
+        gpus_before = front.gpus_in_use()
         finished = self.sim.run(until=until)
-        # GPUs held over the interval: trapezoid between just after the decision and its end. (Not through
-        # cluster.observe(): an observation consumes the interval's counters, which belong to the scaler.)
-        gpu_seconds = 0.5 * (gpus_before + cluster.gpus_in_use()) * interval_s
+        # GPUs held over the interval: trapezoid between just after the decision and its end.
+        gpu_seconds = 0.5 * (gpus_before + front.gpus_in_use()) * interval_s
         return finished, self.deadlines.late_by(until), gpu_seconds
+
+
+def _observe_interval(sim: Simulation) -> ClusterObservation:
+    """The observation a scaler gets at the end of a control interval; the next interval starts."""
+    obs = sim.front.snapshot()
+    sim.front.close_interval()
+    return obs
 
 
 class _Deadlines:

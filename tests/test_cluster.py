@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from policies.api import ScaleAction, make_router
+from policies.api import ScaleAction
+from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, Simulation, cold_start_s, simulate
 from traces.schema import make_table
 from traces.workflow import make_workload

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import simpy
 
-from sim.engine import RECORD_COLUMNS, EngineConfig, Replica, SimRequest, simulate_replica
+from frontend.engine_args import EngineArgs
+from sim.engine import RECORD_COLUMNS, Engine, SimRequest, simulate_replica
 from traces.schema import make_table
 
 
@@ -60,12 +61,13 @@ def random_table(n: int, seed: int, max_prompt: int = 2000, max_out: int = 300, 
     return table(rows)
 
 
-def drive(tab: pd.DataFrame, cfg: EngineConfig, sample_every: float = 0.0137, cost: LinearCost | None = None):
+def drive(tab: pd.DataFrame, cfg: EngineArgs, sample_every: float = 0.0137, cost: LinearCost | None = None,
+          coalesce: bool = True):
     """simulate_replica plus a sampler reading the /metrics equivalents, as the cluster does."""
     env = simpy.Environment()
     cost = cost or LinearCost()
     records = []
-    rep = Replica(env, 0, cost, cfg, on_finish=records.append)
+    rep = Engine(env, 0, cost, cfg, cfg.num_gpu_blocks_override, coalesce_steps=coalesce, on_finish=records.append)
     samples = []
 
     def arrivals():
@@ -101,16 +103,16 @@ def test_prefix_hit_exactly_where_the_trace_says(block_size, hbs, shared, expect
     a_ids = list(range(1, 9))
     b_ids = a_ids[:shared] + [99] * (8 - shared)
     tab = table([row(0, 0.0, prompt, 3, a_ids, hbs), row(1, 50.0, prompt, 3, b_ids, hbs)])
-    res = simulate_replica(tab, LinearCost(), EngineConfig(num_gpu_blocks=1000, block_size=block_size))
+    res = simulate_replica(tab, LinearCost(), EngineArgs(num_gpu_blocks_override=1000, block_size=block_size))
     assert res["num_cached_tokens"].tolist() == [0, expect]
 
 
 def test_no_hits_without_trace_ids_or_with_caching_off():
     same = [row(0, 0.0, 300, 2), row(1, 10.0, 300, 2)]  # no block ids: unique prompts
-    res = simulate_replica(table(same), LinearCost(), EngineConfig(num_gpu_blocks=100))
+    res = simulate_replica(table(same), LinearCost(), EngineArgs(num_gpu_blocks_override=100))
     assert res["num_cached_tokens"].tolist() == [0, 0]
     shared = [row(0, 0.0, 300, 2, range(19)), row(1, 10.0, 300, 2, range(19))]
-    cfg = EngineConfig(num_gpu_blocks=100, enable_prefix_caching=False)
+    cfg = EngineArgs(num_gpu_blocks_override=100, enable_prefix_caching=False)
     assert simulate_replica(table(shared), LinearCost(), cfg)["num_cached_tokens"].tolist() == [0, 0]
 
 
@@ -118,7 +120,7 @@ def lru_scenario(probe_ids: list[int]) -> int:
     """A and B (10 blocks each) finish, C (25 unique blocks) evicts 5: LRU takes A's, tail first."""
     a, b = list(range(100, 110)), list(range(200, 210))
     rows = [row(0, 0.0, 160, 1, a), row(1, 10.0, 160, 1, b), row(2, 20.0, 400, 1), row(3, 30.0, 160, 1, probe_ids)]
-    res = simulate_replica(table(rows), LinearCost(), EngineConfig(num_gpu_blocks=41))
+    res = simulate_replica(table(rows), LinearCost(), EngineArgs(num_gpu_blocks_override=41))
     return int(res["num_cached_tokens"].iloc[3])
 
 
@@ -129,7 +131,7 @@ def test_lru_eviction_order():
 
 def test_prefix_cache_metrics_count_tokens_at_first_scheduling():
     tab = random_table(80, seed=3)
-    res, _, rep, _ = drive(tab, EngineConfig(num_gpu_blocks=300, max_num_batched_tokens=512))
+    res, _, rep, _ = drive(tab, EngineArgs(num_gpu_blocks_override=300, max_num_batched_tokens=512))
     assert rep.prefix_cache_queries == int(res["prompt_len"].sum())
     assert rep.prefix_cache_hits == int(res["num_cached_tokens"].sum()) > 0
     assert (res["num_cached_tokens"] <= res["prompt_len"] - 1).all()
@@ -140,7 +142,7 @@ def test_prefix_cache_metrics_count_tokens_at_first_scheduling():
 
 def test_preemption_under_memory_pressure_and_everyone_finishes():
     rows = [row(i, 0.01 * i, 200, 300) for i in range(12)]  # each grows to 32 blocks; 64 fit
-    res, _, rep, _ = drive(table(rows), EngineConfig(num_gpu_blocks=65, coalesce_steps=True))
+    res, _, rep, _ = drive(table(rows), EngineArgs(num_gpu_blocks_override=65))
     assert len(res) == 12 and (res["output_len"] == 300).all()
     assert rep.num_preemptions == int(res["num_preemptions"].sum()) > 0
     assert res.loc[res["num_preemptions"] > 0, "request_id"].min() > 0  # the oldest request is never preempted
@@ -149,7 +151,7 @@ def test_preemption_under_memory_pressure_and_everyone_finishes():
 
 def test_chunked_prefill_respects_max_num_batched_tokens():
     rows = [row(0, 0.0, 1000, 50), row(1, 0.0, 700, 50), row(2, 0.5, 300, 20)]
-    cfg = EngineConfig(num_gpu_blocks=500, max_num_batched_tokens=256)
+    cfg = EngineArgs(num_gpu_blocks_override=500, max_num_batched_tokens=256)
     res, _, _, cost = drive(table(rows), cfg)
     for prefill, num_decode in cost.steps:
         assert sum(new for new, _ in prefill) + num_decode <= 256
@@ -160,7 +162,7 @@ def test_chunked_prefill_respects_max_num_batched_tokens():
 
 def test_max_num_seqs_respected():
     rows = [row(i, 0.0, 50, 40) for i in range(20)]
-    res, samples, _, cost = drive(table(rows), EngineConfig(num_gpu_blocks=500, max_num_seqs=4))
+    res, samples, _, cost = drive(table(rows), EngineArgs(num_gpu_blocks_override=500, max_num_seqs=4))
     assert max(len(p) + d for p, d in cost.steps) == 4
     assert max(n for n, _ in cost.decode_runs) <= 4
     assert max(s[1] for s in samples) == 4
@@ -168,18 +170,18 @@ def test_max_num_seqs_respected():
 
 
 def test_output_len_zero_is_served_as_one_token():
-    res = simulate_replica(table([row(0, 0.0, 40, 0)]), LinearCost(), EngineConfig(num_gpu_blocks=10))
+    res = simulate_replica(table([row(0, 0.0, 40, 0)]), LinearCost(), EngineArgs(num_gpu_blocks_override=10))
     assert res["output_len"].tolist() == [1] and res["first_token_s"].iloc[0] == res["finish_s"].iloc[0]
 
 
 def test_request_that_can_never_fit_is_refused_clearly():
     tab = table([row(0, 0.0, 50, 5), row(7, 1.0, 5000, 10)])
     with pytest.raises(ValueError, match=r"request 7: prompt_len=5000 .* holds only 99 \(1584 tokens\)"):
-        simulate_replica(tab, LinearCost(), EngineConfig(num_gpu_blocks=100))
+        simulate_replica(tab, LinearCost(), EngineArgs(num_gpu_blocks_override=100))
 
 
 def test_timestamps_are_ordered():
-    res = simulate_replica(random_table(150, seed=5), LinearCost(), EngineConfig(num_gpu_blocks=400))
+    res = simulate_replica(random_table(150, seed=5), LinearCost(), EngineArgs(num_gpu_blocks_override=400))
     assert (res["arrival_s"] <= res["scheduled_s"]).all()
     assert (res["scheduled_s"] < res["first_token_s"]).all()
     assert (res["first_token_s"] <= res["finish_s"]).all()
@@ -190,16 +192,16 @@ def test_timestamps_are_ordered():
 
 
 @pytest.mark.parametrize("seed,cfg", [
-    (0, EngineConfig(num_gpu_blocks=400, max_num_seqs=32, max_num_batched_tokens=512)),
-    (1, EngineConfig(num_gpu_blocks=250, block_size=32, max_num_seqs=16, max_num_batched_tokens=1024)),
-    (2, EngineConfig(num_gpu_blocks=2000, max_num_batched_tokens=2048)),
-    (3, EngineConfig(num_gpu_blocks=300, enable_prefix_caching=False, enable_chunked_prefill=False,
+    (0, EngineArgs(num_gpu_blocks_override=400, max_num_seqs=32, max_num_batched_tokens=512)),
+    (1, EngineArgs(num_gpu_blocks_override=250, block_size=32, max_num_seqs=16, max_num_batched_tokens=1024)),
+    (2, EngineArgs(num_gpu_blocks_override=2000, max_num_batched_tokens=2048)),
+    (3, EngineArgs(num_gpu_blocks_override=300, enable_prefix_caching=False, enable_chunked_prefill=False,
                      max_num_batched_tokens=4096)),
 ])
 def test_coalescing_on_and_off_give_identical_results(seed, cfg):
     tab = random_table(300, seed)
     on, samples_on, rep_on, cost_on = drive(tab, cfg)
-    off, samples_off, rep_off, _ = drive(tab, EngineConfig(**{**cfg.__dict__, "coalesce_steps": False}))
+    off, samples_off, rep_off, _ = drive(tab, cfg, coalesce=False)
     pd.testing.assert_frame_equal(on, off, check_exact=True)
     assert samples_on == samples_off  # metrics read mid-window match the step-by-step run too
     assert rep_on.num_steps == rep_off.num_steps == rep_off.num_step_events
@@ -214,11 +216,10 @@ def test_coalescing_identical_when_arrivals_and_samples_land_on_step_boundaries(
     """Every step takes 1/4 s and arrivals and samples fall on quarter seconds: all ties, both modes alike."""
     tab = random_table(120, seed, max_prompt=600, max_out=60, gap=1.0)
     tab["arrival_s"] = (tab["arrival_s"] * 4).round() / 4
-    cfg = EngineConfig(num_gpu_blocks=120, max_num_batched_tokens=256)
+    cfg = EngineArgs(num_gpu_blocks_override=120, max_num_batched_tokens=256)
     flat = dict(base=0.25, per_seq=0.0, per_ctx=0.0, per_token=0.0, per_attn=0.0)
     on, samples_on, rep_on, _ = drive(tab, cfg, 0.25, LinearCost(**flat))
-    off, samples_off, _, _ = drive(tab, EngineConfig(**{**cfg.__dict__, "coalesce_steps": False}), 0.25,
-                                   LinearCost(**flat))
+    off, samples_off, _, _ = drive(tab, cfg, 0.25, LinearCost(**flat), coalesce=False)
     pd.testing.assert_frame_equal(on, off, check_exact=True)
     assert samples_on == samples_off
     assert rep_on.num_step_events < rep_on.num_steps
@@ -227,7 +228,7 @@ def test_coalescing_identical_when_arrivals_and_samples_land_on_step_boundaries(
 
 def test_deterministic_bit_for_bit():
     tab = random_table(200, seed=11)
-    cfg = EngineConfig(num_gpu_blocks=300, max_num_batched_tokens=512)
+    cfg = EngineArgs(num_gpu_blocks_override=300, max_num_batched_tokens=512)
     a = simulate_replica(tab, LinearCost(), cfg)
     b = simulate_replica(tab, LinearCost(), cfg)
     pd.testing.assert_frame_equal(a, b, check_exact=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
@@ -68,10 +70,9 @@ def test_real_backend_servers_take_the_simulated_clusters_engine_knobs():
     base = ClusterConfig()
     cfg = real_config(gpus="0-7", tp=2)
     assert cfg.placements == ("0,1", "2,3", "4,5", "6,7") and cfg.capacity == 4 and cfg.load_format == "dummy"
-    assert (cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_prefix_caching) == (
-        base.block_size, base.max_num_seqs, base.max_num_batched_tokens, base.enable_prefix_caching)
+    assert cfg.engine == replace(base.engine, max_model_len=cfg.engine.max_model_len)
     assert json.loads((Path(cfg.model) / "config.json").read_text())["model_type"] == "llama"
-    assert real_config(cores="0,1").block_size == 32  # vLLM's CPU attention needs multiples of 32
+    assert real_config(cores="0,1").engine.block_size == 32  # vLLM's CPU attention needs multiples of 32
     assert device_ids("0-2,5", "--gpus") == (0, 1, 2, 5)
     for bad in ("0-x", "1,1", ""):
         with pytest.raises(SystemExit, match="--gpus"):

@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 import real
-from policies.api import ScaleAction, make_router, make_scaler
-from policies.frontend import RESULT_COLUMNS
+from frontend.engine_args import EngineArgs
+from frontend.ledger import RESULT_COLUMNS
+from policies.api import ScaleAction
+from policies.registry import make_router, make_scaler
 from real.config import RealConfig, pools_of
 from real.launcher import (
     Launcher,
@@ -143,8 +145,8 @@ def test_metrics_without_a_needed_metric_name_it():
 
 
 def test_gpu_servers_get_their_tensor_parallel_group_and_gpu_flags():
-    cfg = RealConfig(model="m", gpus=(0, 1, 2, 3, 6, 7), tensor_parallel_size=2, gpu_memory_utilization=0.85,
-                     dtype="auto", num_replicas=1)
+    cfg = RealConfig(model="m", gpus=(0, 1, 2, 3, 6, 7), tensor_parallel_size=2,
+                     engine=EngineArgs(gpu_memory_utilization=0.85), dtype="auto", num_replicas=1)
     assert cfg.placements == ("0,1", "2,3", "6,7") and cfg.capacity == 3 and cfg.gpus_per_replica == 2
     env, argv = server_env(cfg, "2,3"), server_argv(cfg, 8000)
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and "VLLM_CPU_OMP_THREADS_BIND" not in env
@@ -154,7 +156,7 @@ def test_gpu_servers_get_their_tensor_parallel_group_and_gpu_flags():
 
 
 def test_cpu_servers_are_pinned_to_their_core_without_gpu_flags():
-    cfg = RealConfig(model="m", cores=(3, 5))
+    cfg = RealConfig(model="m", cores=(3, 5), engine=EngineArgs(block_size=32))
     assert cfg.placements == ("3", "5") and cfg.capacity == 2 and cfg.gpus_per_replica == 1
     env, argv = server_env(cfg, "5"), server_argv(cfg, 8000)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "5" and "CUDA_VISIBLE_DEVICES" not in env
@@ -165,15 +167,19 @@ def test_cpu_servers_are_pinned_to_their_core_without_gpu_flags():
     ({"gpus": (0, 1, 2), "tensor_parallel_size": 2}, "3 gpus do not split into servers of tensor_parallel_size=2"),
     ({"gpus": (0, 1), "cores": (0,)}, "set one of gpus .* got gpus together with cores"),
     ({"gpus": (0, 0)}, "list a device twice"),
-    ({"gpus": (0,), "gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5 must be in"),
+    ({"cores": (0,)}, "block_size=16, but vLLM's CPU attention takes only multiples of 32"),
 ])
 def test_impossible_placements_are_refused_naming_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         RealConfig(model="m", **kw)
+    with pytest.raises(ValueError, match="gpu_memory_utilization=1.5 must be in"):
+        EngineArgs(gpu_memory_utilization=1.5)
 
 
 def test_several_pools_are_refused_when_they_clash_naming_the_field():
-    a, b = RealConfig(model="m", pool="a", cores=(0,)), RealConfig(model="m", pool="b", cores=(1,))
+    cpu = EngineArgs(block_size=32)
+    a = RealConfig(model="m", pool="a", cores=(0,), engine=cpu)
+    b = RealConfig(model="m", pool="b", cores=(1,), engine=cpu)
     assert list(pools_of([a, b], {"linter": "b"})) == ["a", "b"]
     with pytest.raises(ValueError, match="two pools are named 'a'"):
         pools_of([a, replace(b, pool="a")], {})
@@ -373,8 +379,9 @@ def tiny_cfg(tmp_path_factory) -> RealConfig:
     model = tmp_path_factory.mktemp("tiny-llama")
     (model / "config.json").write_text(json.dumps(TINY_LLAMA))
     # 2048 blocks (64k tokens, 64 MiB): no test run comes near filling it, so nothing is evicted.
-    return RealConfig(model=str(model), block_size=VLLM_BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
-                      num_gpu_blocks=2048, max_model_len=2048, scrape_interval_s=0.2,
+    engine = EngineArgs(block_size=VLLM_BLOCK, max_num_seqs=16, max_num_batched_tokens=2048,
+                        num_gpu_blocks_override=2048, max_model_len=2048)
+    return RealConfig(model=str(model), engine=engine, scrape_interval_s=0.2,
                       log_dir=str(tmp_path_factory.mktemp("vllm-logs")))
 
 
@@ -435,7 +442,7 @@ def simulated_cached_tokens(table, results, num_gpu_blocks: int) -> dict[int, in
     """The simulator's prediction of each call's cached tokens, given the real run's placement: the same
     table on two simulated replicas of the tiny model with vLLM's CPU block size (32) and KV size."""
     cfg = ClusterConfig(gpu="a100-80gb", num_gpus=2, pools=(PoolConfig(model="tiny-llama", initial_replicas=2),),
-                        block_size=VLLM_BLOCK, num_gpu_blocks_override=num_gpu_blocks)
+                        engine=EngineArgs(block_size=VLLM_BLOCK, num_gpu_blocks_override=num_gpu_blocks))
     placement = dict(zip(results["request_id"], results["replica_id"], strict=True))
     sim = simulate(table, cfg, ReplayPlacement(placement)).requests
     return dict(zip(sim["request_id"], sim["cached_tokens"], strict=True))
@@ -453,7 +460,7 @@ def test_prefix_aware_routing_hits_where_predicted_and_beats_round_robin(servers
         assert list(req.columns) == RESULT_COLUMNS
         assert len(req) == len(table) and (req["status"] == "ok").all(), res.failures
         assert set(req["replica_id"]) == {0, 1}
-        predicted = simulated_cached_tokens(table, req, cfg.num_gpu_blocks)
+        predicted = simulated_cached_tokens(table, req, cfg.engine.num_gpu_blocks_override)
         got = dict(zip(req["request_id"], req["cached_tokens"], strict=True))
         assert got == predicted, f"{name}: {[(r, got[r], predicted[r]) for r in got if got[r] != predicted[r]]}"
         assert (req["first_token_s"] >= req["routed_s"]).all() and (req["finish_s"] >= req["first_token_s"]).all()
@@ -516,7 +523,7 @@ def test_agents_go_to_their_pools_and_the_scaler_starts_a_pool_from_zero(servers
     res = real.execute(table, [main, checks], make_router("cache_aware"), scaler, agent_pools=agent_pools)
     req, srv = res.requests, res.servers.set_index("replica_id")
     assert (req["status"] == "ok").all() and res.failures.empty, res.failures
-    assert dict(srv["pool"]) == {0: "main", 1: "checks"} and set(res.pools) == {"main", "checks"}
+    assert dict(srv["pool"]) == {0: "main", 1: "checks"} and set(res.config) == {"main", "checks"}
     in_checks = req["agent"].isin(agent_pools).to_numpy()
     assert (req.loc[in_checks, "replica_id"] == 1).all() and (req.loc[~in_checks, "replica_id"] == 0).all()
     assert (req.loc[in_checks, "routed_s"] >= srv.at[1, "ready_s"]).all() and srv.at[1, "ready_s"] > 0.9
@@ -524,7 +531,7 @@ def test_agents_go_to_their_pools_and_the_scaler_starts_a_pool_from_zero(servers
     assert set(first.pools) == {"main", "checks"} and first.pools["checks"].pending > 0
     assert not first.pools["checks"].replicas and first.free_gpus == 1 and first.total_gpus == 2
     assert set(res.cluster["pool"]) == {"main", "checks"}
-    predicted = simulated_cached_tokens(table, req, tiny_cfg.num_gpu_blocks)
+    predicted = simulated_cached_tokens(table, req, tiny_cfg.engine.num_gpu_blocks_override)
     assert dict(zip(req["request_id"], req["cached_tokens"], strict=True)) == predicted
 
 

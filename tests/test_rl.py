@@ -16,7 +16,8 @@ gym = pytest.importorskip("gymnasium", reason="the RL tests need the 'rl' extra:
 pytest.importorskip("stable_baselines3", reason="the RL tests need the 'rl' extra: pip install -e '.[rl]'")
 from gymnasium.utils.env_checker import check_env
 
-from policies.api import ClusterObservation, PoolObservation, ReplicaView, make_router, make_scaler
+from policies.api import ClusterObservation, PoolObservation, ReplicaView
+from policies.registry import make_router, make_scaler
 from policies.rl import (
     DEFAULT_CHECKPOINT,
     ENCODER_VERSION,
@@ -123,15 +124,15 @@ def test_a_residual_policy_at_offset_zero_is_its_base_heuristic() -> None:
 
 
 def test_the_policy_observes_every_arrival_once() -> None:
-    """Observations consume the interval's counters: the environment must observe once per step, or the
-    policy (and a residual's base scaler) would see an empty interval."""
+    """The environment closes the control interval once per step, after observing it: every arrival is in
+    exactly one observation the policy (and a residual's base scaler) sees."""
     env = ScalingEnv(replace(SMALL, episode_s=60.0))
     env.reset(seed=1)
     seen, done = env.cluster_observation.pools["default"].arrivals, False
     while not done:
         done = env.step(np.array([KEEP]))[3]
         seen += env.cluster_observation.pools["default"].arrivals
-    assert seen == len(env.sim.front.calls) > 0
+    assert seen == len(env.sim.front.ledger.calls) > 0
 
 
 def test_the_reward_is_relative_to_the_baseline_run_on_the_same_episode() -> None:
@@ -246,7 +247,7 @@ def test_quick_training_saves_a_checkpoint_that_runs_in_the_simulator(trained) -
                                    "val static full"}
     assert curve.loc[curve["curve"] == "val PPO", "timesteps"].max() >= 1024
 
-    scaler = RLScaler(stem)
+    scaler = make_scaler("rl", path=stem)
     ep = sample_episode(replace(SMALL, split="test", episode_s=60.0), np.random.default_rng(0))
     res = simulate(ep.table, ep.cluster, make_router("round_robin"), scaler)
     assert (res.requests["status"] == "ok").all()
@@ -269,7 +270,7 @@ def test_training_and_the_trained_scaler_are_deterministic(trained, tmp_path) ->
 
     stem, _ = trained
     ep = sample_episode(replace(SMALL, split="test", episode_s=60.0), np.random.default_rng(4))
-    runs = [simulate(ep.table, ep.cluster, make_router("round_robin"), RLScaler(stem)) for _ in range(2)]
+    runs = [simulate(ep.table, ep.cluster, make_router("round_robin"), make_scaler("rl", path=stem)) for _ in range(2)]
     pd.testing.assert_frame_equal(runs[0].cluster, runs[1].cluster, check_exact=True)
     pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests, check_exact=True)
 
@@ -281,9 +282,9 @@ def test_a_mismatched_encoder_version_is_refused(trained, tmp_path) -> None:
     meta = json.loads(stem.with_suffix(".json").read_text())
     other.with_suffix(".json").write_text(json.dumps({**meta, "encoder_version": ENCODER_VERSION + 1}))
     with pytest.raises(ValueError, match=f"encoder version {ENCODER_VERSION + 1}.*Retrain"):
-        RLScaler(other)
+        make_scaler("rl", path=other)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        RLScaler(tmp_path / "missing")
+        make_scaler("rl", path=tmp_path / "missing")
 
 
 def test_the_shipped_checkpoint_is_a_full_run_on_the_current_environment() -> None:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import policies.routers  # noqa: F401  (fills ROUTERS)
-from policies.api import ROUTERS, ReplicaView, RequestInfo, Router, make_router
+from policies.api import ReplicaView, RequestInfo, Router
 from policies.prefix_index import PrefixIndex
+from policies.registry import ROUTERS, make_router
 from policies.routers import OutstandingWork
 
 BLOCK = 16  # tokens per block id

@@ -8,8 +8,8 @@ import random
 import pytest
 
 import policies.rl  # noqa: F401  (adds "rl": the shipped checkpoint)
-import policies.scalers  # noqa: F401  (fills SCALERS)
-from policies.api import SCALERS, ClusterObservation, PoolObservation, ReplicaView, make_scaler
+from policies.api import ClusterObservation, PoolObservation, ReplicaView
+from policies.registry import SCALERS, make_scaler
 
 
 def replica(rid: int, *, state: str = "ready", running: int = 0, waiting: int = 0, kv: float = 0.0,

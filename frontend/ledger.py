@@ -1,9 +1,9 @@
-"""The front end's own records, shared by both backends.
+"""The front end's own records of the calls it released: the ledger behind the observations and results.
 
 A real deployment's router/controller knows three things: the calls it released and where it sent
-them, when their tokens came back, and each replica's /metrics. ``FrontEnd`` keeps the first two and
-turns them, with a metrics scrape, into the policy observations and into the per-request results
-table. The simulator and the real executor both drive one ``FrontEnd``, so policies see the same
+them, when their tokens came back, and each replica's /metrics. ``Ledger`` keeps the first two and
+turns them, with a metrics scrape, into the policy observations and into the per-call results table.
+Both backends record through the same ``Ledger`` (inside ``frontend.FrontEnd``), so policies see the same
 inputs, and results have one schema, whichever backend ran.
 """
 
@@ -61,7 +61,9 @@ RESULT_COLUMNS = [f.name for f in fields(CallRecord)]
 
 
 @dataclass
-class _Window:
+class _Interval:
+    """What happened in one pool during the current control interval."""
+
     arrivals: int = 0
     arrival_tokens: int = 0
     completions: int = 0
@@ -70,7 +72,7 @@ class _Window:
     ttfts: list[float] = field(default_factory=list)
 
 
-class FrontEnd:
+class Ledger:
     """Ledger of calls and the observations policies get from it."""
 
     def __init__(self) -> None:
@@ -80,7 +82,7 @@ class FrontEnd:
         self._outstanding_tok: Counter[int] = Counter()
         self._inflight_agent: dict[str, Counter[str]] = defaultdict(Counter)
         self._next_agent: dict[str, Counter[str]] = defaultdict(Counter)
-        self._window: dict[str, _Window] = defaultdict(_Window)
+        self._interval: dict[str, _Interval] = defaultdict(_Interval)
 
     # --- the call lifecycle -------------------------------------------------------------------
     def release(self, info: RequestInfo, output_tokens: int, now: float) -> None:
@@ -88,7 +90,7 @@ class FrontEnd:
         self.calls[info.request_id] = CallRecord(
             info.request_id, info.job_id, info.session_id, info.workflow, info.agent, info.pool,
             info.input_tokens, output_tokens, info.slo_s, release_s=now)
-        w = self._window[info.pool]
+        w = self._interval[info.pool]
         w.arrivals += 1
         w.arrival_tokens += info.input_tokens + max(info.expected_output_tokens, 0)
 
@@ -132,7 +134,7 @@ class FrontEnd:
             rec.first_token_s = now
         if rec.replica_id >= 0:
             self._forget_route(rec.replica_id, info)
-        w = self._window[info.pool]
+        w = self._interval[info.pool]
         w.completions += 1
         if not failed:
             lat = now - rec.release_s
@@ -148,12 +150,12 @@ class FrontEnd:
                            m.kv_capacity_tokens, self._outstanding_req[replica_id],
                            self._outstanding_tok[replica_id])
 
-    def observe(self, now: float, interval_s: float, replicas: list[ReplicaView], pending: dict[str, int],
-                gpus_per_replica: dict[str, int], total_gpus: int, free_gpus: int) -> ClusterObservation:
-        """Build the controller's observation and start a new measurement window."""
+    def snapshot(self, now: float, interval_s: float, replicas: list[ReplicaView], pending: dict[str, int],
+                 gpus_per_replica: dict[str, int], total_gpus: int, free_gpus: int) -> ClusterObservation:
+        """The controller's observation of the interval so far (reading it changes nothing)."""
         pools: dict[str, PoolObservation] = {}
         for pool in sorted(set(gpus_per_replica) | {r.pool for r in replicas}):
-            w = self._window.pop(pool, _Window())
+            w = self._interval.get(pool) or _Interval()
             pools[pool] = PoolObservation(
                 pool=pool,
                 replicas=tuple(r for r in replicas if r.pool == pool),
@@ -166,25 +168,15 @@ class FrontEnd:
             )
         return ClusterObservation(now, interval_s, total_gpus, free_gpus, pools)
 
+    def close_interval(self) -> None:
+        """Start a new control interval: arrivals, completions and latencies are counted afresh."""
+        self._interval.clear()
+
     # --- results ------------------------------------------------------------------------------
     def results(self) -> pd.DataFrame:
         """Per-request results, ordered by request id (one schema for both backends)."""
         rows = [asdict(self.calls[k]) for k in sorted(self.calls)]
         return pd.DataFrame(rows, columns=RESULT_COLUMNS)
-
-
-def job_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per-job completion time: from the release of a job's first call to the finish of its last."""
-    jobs = results[results["job_id"] >= 0]
-    g = jobs.groupby("job_id", sort=True)
-    out = pd.DataFrame({
-        "start_s": g["release_s"].min(),
-        "end_s": g["finish_s"].max(),
-        "num_calls": g.size(),
-        "failed": g["status"].agg(lambda s: int((s != "ok").sum())),
-    })
-    out["jct_s"] = out["end_s"] - out["start_s"]
-    return out.reset_index()
 
 
 def _load_tokens(info: RequestInfo) -> int:
@@ -193,15 +185,3 @@ def _load_tokens(info: RequestInfo) -> int:
 
 def _p99(values: list[float]) -> float:
     return float(np.percentile(values, 99)) if values else math.nan
-
-
-def request_infos(table: pd.DataFrame, pool: str = "default") -> list[RequestInfo]:
-    """What the front end knows of each call of a canonical workload table, in row order."""
-    cols = ["request_id", "arrival_s", "input_tokens", "block_hashes", "hash_block_size", "session_id", "job_id",
-            "workflow", "agent", "expected_output_tokens", "next_agents", "slo_s"]
-    out = []
-    for (rid, arr, inp, blocks, hbs, sess, job, wf, agent, exp_out, nxt, slo) in zip(
-            *(table[c].tolist() for c in cols), strict=True):
-        out.append(RequestInfo(int(rid), float(arr), int(inp), tuple(blocks), int(hbs), pool, sess, int(job), wf,
-                               agent, int(exp_out), tuple(a for a in nxt.split(",") if a), float(slo)))
-    return out

@@ -1,0 +1,289 @@
+"""The front end both backends drive: release, routing, pending calls, scaling, sampling, results.
+
+A real deployment puts a router and a controller in front of its vLLM replicas. ``FrontEnd`` is that
+layer, written once: it releases calls (roots at their arrival time, dependents after their parents plus
+think time, ``frontend.graph``), routes each one with the ``Router``, holds calls while their pool has no
+ready replica, runs the ``Scaler`` every control interval (starting and draining replicas), samples every
+replica's metrics into the time series, and records everything in one ``Ledger`` and one ``Results``.
+
+A backend only says how time passes and how a call is served (``Backend``): the simulator runs SimPy
+engines, the real executor streams HTTP calls to vLLM servers. Both call back into the front end when a
+replica is ready, a call finished or failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pandas as pd
+
+from frontend.graph import CallGraph
+from frontend.ledger import Ledger, ReplicaMetrics
+from frontend.results import CLUSTER_COLUMNS, FAILURE_COLUMNS, TIMESERIES_COLUMNS, Results, job_table
+from policies.api import ClusterObservation, RequestInfo, Router, Scaler
+
+log = logging.getLogger(__name__)
+
+LIVE = ("starting", "ready", "draining")  # states in which a replica holds its GPUs
+
+
+@dataclass
+class Replica:
+    """The front end's record of one replica; ``handle`` is the backend's own (an engine, a server)."""
+
+    replica_id: int
+    pool: str
+    state: str  # starting | ready | draining | stopped | dead
+    handle: Any = None
+
+
+class Backend(Protocol):
+    """What differs between the simulator and real vLLM: how time passes and how a call is served."""
+
+    def now(self) -> float: ...
+
+    def after(self, delay_s: float, fn: Callable[[], None]) -> None:
+        """Call ``fn`` ``delay_s`` seconds from now."""
+        ...
+
+    def start_replica(self, pool: str) -> Replica:
+        """A replica of ``pool`` in state "starting" (``FrontEnd.add_replica``, or an idle one reused); the
+        backend calls ``FrontEnd.replica_ready`` once it serves."""
+        ...
+
+    def startable(self, pool: str) -> int:
+        """How many more replicas of ``pool`` could be started now (free GPUs, cores or idle servers)."""
+        ...
+
+    def gpus(self) -> tuple[int, int]:
+        """(total, free) GPUs of the cluster, as the controller counts them (a CPU core counts as one)."""
+        ...
+
+    def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
+        """Hand a routed call to ``replica``; the backend reports back with ``FrontEnd.call_finished`` (or
+        ``call_failed``)."""
+        ...
+
+    def metrics(self, replica: Replica) -> ReplicaMetrics: ...
+
+    def num_unfinished(self, replica: Replica) -> int: ...
+
+    def stop_replica(self, replica: Replica) -> None:
+        """``replica`` left service (drained, or died): release what it holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What the front end needs to know of a pool of identical replicas."""
+
+    name: str
+    gpus_per_replica: int
+
+
+class FrontEnd:
+    """Router, controller and ledger in front of one backend's replicas (see the module docstring)."""
+
+    def __init__(self, table: pd.DataFrame, pools: list[PoolSpec], router: Router, scaler: Scaler | None,
+                 backend: Backend, *, agent_pools: Mapping[str, str] | None = None, control_interval_s: float,
+                 time_policies: bool = False, externally_scaled: bool = False, source: str = "workload"):
+        names = [p.name for p in pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pools {names}: each pool needs its own name")
+        agent_pools = dict(agent_pools or {})
+        unknown = sorted({p for p in agent_pools.values() if p not in names})
+        if unknown:
+            raise ValueError(f"agent_pools names pool(s) {unknown} that are not among the pools {names}")
+        self.pools = {p.name: p for p in pools}
+        self.graph = CallGraph(table, agent_pools, names[0], source)
+        self.router, self.scaler, self.backend = router, scaler, backend
+        self.control_interval_s = control_interval_s
+        self.time_policies = time_policies  # measure route() in wall time (real runs; never in the simulator)
+        self.externally_scaled = externally_scaled  # a controller outside (the RL environment) calls apply()
+        self.ledger = Ledger()
+        self.replicas: dict[int, Replica] = {}
+        self.pending: dict[str, deque[int]] = {name: deque() for name in names}
+        self.on_call_done: Callable[[int], None] | None = None  # e.g. a progress bar
+        self._ts_rows: list[tuple] = []
+        self._cl_rows: list[tuple] = []
+        self._failure_rows: list[tuple] = []
+
+    @property
+    def all_done(self) -> bool:
+        return self.graph.remaining == 0
+
+    # --- replicas --------------------------------------------------------------------------------------
+    def add_replica(self, pool: str, handle: Any, state: str) -> Replica:
+        rep = Replica(len(self.replicas), pool, state, handle)
+        self.replicas[rep.replica_id] = rep
+        return rep
+
+    def ready(self, pool: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.pool == pool and r.state == "ready"]
+
+    def gpus_in_use(self) -> int:
+        return sum(self.pools[r.pool].gpus_per_replica for r in self.replicas.values() if r.state in LIVE)
+
+    def replica_ready(self, rep: Replica) -> None:
+        """A starting replica serves from now on: route what waited for its pool."""
+        rep.state = "ready"
+        q = self.pending[rep.pool]
+        while q and self.ready(rep.pool):
+            self._route(q.popleft())
+
+    def retire(self, rep: Replica, state: str) -> None:
+        """``rep`` leaves service ("stopped" once drained, or "dead")."""
+        rep.state = state
+        self.backend.stop_replica(rep)
+
+    def _stop_if_idle(self, rep: Replica) -> None:
+        if rep.state == "draining" and self.backend.num_unfinished(rep) == 0:
+            self.retire(rep, "stopped")
+
+    # --- calls -----------------------------------------------------------------------------------------
+    def release(self, request_id: int) -> None:
+        """The call is released now: route it, hold it for its pool, or fail it if nothing can serve it."""
+        info = self.graph.infos[request_id]
+        self.ledger.release(info, self.graph.output_tokens[request_id], self.backend.now())
+        self._dispatch(request_id)
+
+    def _dispatch(self, request_id: int) -> None:
+        pool = self.graph.infos[request_id].pool
+        if self.ready(pool):
+            self._route(request_id)
+        elif self._can_recover(pool):
+            self.pending[pool].append(request_id)
+        else:
+            self._give_up(request_id)
+
+    def _can_recover(self, pool: str) -> bool:
+        """Whether a replica of ``pool`` may still come up: one is starting, or a scaler may start one."""
+        return (self.scaler is not None or self.externally_scaled
+                or any(r.pool == pool and r.state == "starting" for r in self.replicas.values()))
+
+    def _route(self, request_id: int) -> None:
+        info, now = self.graph.infos[request_id], self.backend.now()
+        ready = self.ready(info.pool)
+        views = [self.ledger.replica_view(r.replica_id, r.pool, "ready", self.backend.metrics(r)) for r in ready]
+        t = time.perf_counter() if self.time_policies else 0.0
+        choice = self.router.route(info, views, now)
+        overhead = time.perf_counter() - t if self.time_policies else 0.0
+        rep = self.replicas.get(choice)
+        if rep is None or rep.state != "ready" or rep.pool != info.pool:
+            raise RuntimeError(f"router {type(self.router).__name__} returned replica {choice}, which is not one of "
+                               f"the ready replicas {[r.replica_id for r in ready]} of pool '{info.pool}'")
+        self.ledger.routed(request_id, choice, now, overhead)
+        self.backend.send(rep, info, self.graph.output_tokens[request_id])
+
+    def first_token(self, request_id: int, now: float) -> None:
+        self.ledger.first_token(request_id, now)
+
+    def call_finished(self, request_id: int, now: float, *, cached_tokens: int = 0, num_preemptions: int = 0,
+                      scheduled_s: float = float("nan")) -> None:
+        """A replica finished the call."""
+        self.ledger.finished(request_id, now, cached_tokens=cached_tokens, num_preemptions=num_preemptions,
+                             scheduled_s=scheduled_s)
+        self._stop_if_idle(self.replicas[self.ledger.calls[request_id].replica_id])
+        self._call_done(request_id)
+
+    def call_failed(self, request_id: int, replica_id: int, reason: str, retry: bool) -> None:
+        """The call was lost on ``replica_id``: route it again (``retry``), or count it failed."""
+        if retry:
+            self.failure("call_retried", replica_id, request_id, reason)
+            self.ledger.unroute(request_id)  # latency still counts from the first release
+            self._dispatch(request_id)
+        else:
+            self.ledger.finished(request_id, self.backend.now(), failed=True)
+            self.failure("call_failed", replica_id, request_id, reason)
+            self._call_done(request_id)
+        if replica_id in self.replicas:
+            self._stop_if_idle(self.replicas[replica_id])
+
+    def recheck_pending(self, pool: str) -> None:
+        """After a replica of ``pool`` died or failed to start: fail the calls that nothing can serve now."""
+        if not self.ready(pool) and not self._can_recover(pool):
+            while self.pending[pool]:
+                self._give_up(self.pending[pool].popleft())
+
+    def _give_up(self, request_id: int) -> None:
+        self.ledger.finished(request_id, self.backend.now(), failed=True)
+        self.failure("call_failed", -1, request_id, "no live replica to serve it and none can be started")
+        self._call_done(request_id)
+
+    def _call_done(self, request_id: int) -> None:
+        for child in self.graph.done(request_id):
+            self.backend.after(self.graph.think_s[child], lambda c=child: self.release(c))
+        if self.on_call_done is not None:
+            self.on_call_done(request_id)
+
+    def failure(self, kind: str, replica_id: int, request_id: int, detail: str) -> None:
+        self._failure_rows.append((self.backend.now(), kind, replica_id, request_id, detail))
+
+    # --- control ---------------------------------------------------------------------------------------
+    def snapshot(self) -> ClusterObservation:
+        """What the scaler sees now (the interval so far); reading it changes nothing."""
+        views = [self.ledger.replica_view(r.replica_id, r.pool, r.state, self.backend.metrics(r))  # type: ignore[arg-type]
+                 for r in self.replicas.values() if r.state in LIVE]
+        total, free = self.backend.gpus()
+        return self.ledger.snapshot(
+            self.backend.now(), self.control_interval_s, views, {p: len(q) for p, q in self.pending.items()},
+            {p.name: p.gpus_per_replica for p in self.pools.values()}, total, free)
+
+    def close_interval(self) -> None:
+        """A new control interval starts: arrivals, completions and latencies are counted afresh."""
+        self.ledger.close_interval()
+
+    def control(self) -> None:
+        """One control interval ends: the scaler decides on it, and a new interval starts."""
+        assert self.scaler is not None
+        obs = self.snapshot()
+        self.close_interval()
+        self.apply(self.scaler.decide(obs).target_replicas)
+
+    def apply(self, target: Mapping[str, int]) -> None:
+        """Start or drain replicas toward ``target`` active (starting + ready) replicas per pool."""
+        for pool, want in sorted(target.items()):
+            if pool not in self.pools:
+                raise ValueError(f"scaler {type(self.scaler).__name__} targets pool '{pool}'; the pools are "
+                                 f"{sorted(self.pools)}")
+            active = [r for r in self.replicas.values() if r.pool == pool and r.state in ("starting", "ready")]
+            if want > len(active):
+                free = self.backend.startable(pool)
+                if want - len(active) > free:
+                    log.info("t=%.1f pool %s: scaler asked for %d replicas, only %d more fit; clamped",
+                             self.backend.now(), pool, want, free)
+                for _ in range(min(want - len(active), free)):
+                    self.backend.start_replica(pool)
+            elif want < len(active):
+                # Drain the least useful first: replicas still starting, then the least loaded ready ones.
+                order = sorted(active, key=lambda r: (r.state != "starting", self.backend.num_unfinished(r),
+                                                      -r.replica_id))
+                for r in order[: len(active) - max(want, 0)]:
+                    r.state = "draining"
+                    self._stop_if_idle(r)
+
+    # --- results ---------------------------------------------------------------------------------------
+    def sample(self, now: float) -> None:
+        """One row per live replica and one per pool (the time series)."""
+        for r in self.replicas.values():
+            if r.state in LIVE:
+                m = self.backend.metrics(r)
+                self._ts_rows.append((now, r.replica_id, r.pool, r.state, m.num_running, m.num_waiting, m.kv_usage))
+        gpus = self.gpus_in_use()
+        for name in self.pools:
+            states = [r.state for r in self.replicas.values() if r.pool == name]
+            self._cl_rows.append((now, name, len(self.pending[name]), states.count("starting"), states.count("ready"),
+                                  states.count("draining"), gpus))
+
+    def results(self, config: object, **tables: pd.DataFrame) -> Results:
+        requests = self.ledger.results()
+        return Results(requests=requests, jobs=job_table(requests),
+                       timeseries=pd.DataFrame(self._ts_rows, columns=TIMESERIES_COLUMNS),
+                       cluster=pd.DataFrame(self._cl_rows, columns=CLUSTER_COLUMNS),
+                       failures=pd.DataFrame(self._failure_rows, columns=FAILURE_COLUMNS),
+                       config=config, **tables)

@@ -1,0 +1,54 @@
+"""The vLLM engine arguments both backends share, with vLLM's own names and defaults.
+
+One frozen ``EngineArgs`` is nested in the simulated cluster's config (``sim.cluster.ClusterConfig.engine``)
+and in the real executor's (``real.config.RealConfig.engine``): the simulator's engine reads it directly, the
+real executor turns it into server flags (``server_args``). Nothing copies its fields by hand, so the two
+backends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """What shapes a vLLM engine's scheduling and KV memory (``vllm.engine.arg_utils.EngineArgs`` names)."""
+
+    block_size: int = 16  # tokens per KV block (vLLM's CPU attention needs multiples of 32)
+    max_num_seqs: int = 256  # requests in the running batch at most
+    max_num_batched_tokens: int = 8192  # tokens computed in one step at most (prefill chunks + decodes)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory the engine may use (weights, activations, KV)
+    num_gpu_blocks_override: int | None = None  # KV blocks per replica instead of sizing them from memory
+    max_model_len: int | None = None  # longest prompt + output a call may have; None: the model's context window
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineArgs.{name}={value!r} must be an integer >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"EngineArgs.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
+                                               or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"EngineArgs.max_model_len={self.max_model_len!r} must be None or an integer >= 1")
+        n = self.num_gpu_blocks_override
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+            raise ValueError(f"EngineArgs.num_gpu_blocks_override={n!r} must be None or an integer >= 2 "
+                             f"(block 0 is vLLM's null block)")
+
+    def server_args(self) -> list[str]:
+        """The flags of ``vllm serve`` that set these arguments (``gpu_memory_utilization`` only applies on GPUs,
+        so the launcher adds it there)."""
+        args = ["--block-size", str(self.block_size), "--max-num-seqs", str(self.max_num_seqs),
+                "--max-num-batched-tokens", str(self.max_num_batched_tokens),
+                "--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching"]
+        if not self.enable_chunked_prefill:  # on by default in vLLM v1; the flag is left out unless it is turned off
+            args.append("--no-enable-chunked-prefill")
+        if self.num_gpu_blocks_override is not None:
+            args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
+        return args
