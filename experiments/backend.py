@@ -9,15 +9,12 @@ token counts and timings, not on the weights' values.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from real.config import CPU_BLOCK_MULTIPLE, RealConfig
 from sim.cluster import ClusterConfig
-
-MAX_MODEL_LEN = 32_768  # covers every call of the shipped workflows (the longest is ~25K tokens)
 
 
 def model_dir(model: str) -> str:
@@ -58,14 +55,9 @@ def real_config(*, model: str | None = None, gpus: str | None = None, cores: str
         raise SystemExit("--backend real needs exactly one of --gpus (e.g. 0-7), --cores (e.g. 0,1) or --url")
     base = base or ClusterConfig()
     path = model_dir(model or base.pools[0].model)
-    try:
-        max_len = int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings",
-                                                                              MAX_MODEL_LEN))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {model}: cannot read {path}/config.json ({e})") from None
     where: dict = ({"gpus": device_ids(gpus, "--gpus"), "tensor_parallel_size": tp, "dtype": "auto"} if gpus
                    else {"cores": device_ids(cores, "--cores")} if cores else {"urls": tuple(urls)})
-    engine = replace(base.engine, max_model_len=min(max_len, MAX_MODEL_LEN))
+    engine = base.engine  # the simulated cluster's: same window (the model's), batch limits and cache
     if not gpus:
         engine = replace(engine, block_size=max(CPU_BLOCK_MULTIPLE, engine.block_size))
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+
 
 @dataclass(frozen=True)
 class EngineArgs:
@@ -23,6 +25,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9  # share of each GPU's memory the engine may use (weights, activations, KV)
     num_gpu_blocks_override: int | None = None  # KV blocks per replica instead of sizing them from memory
     max_model_len: int | None = None  # longest prompt + output a call may have; None: the model's context window
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8": halves KV bytes, doubles capacity
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -34,6 +37,9 @@ class EngineArgs:
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
                                                or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"EngineArgs.max_model_len={self.max_model_len!r} must be None or an integer >= 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineArgs.kv_cache_dtype={self.kv_cache_dtype!r}; allowed: "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         n = self.num_gpu_blocks_override
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
             raise ValueError(f"EngineArgs.num_gpu_blocks_override={n!r} must be None or an integer >= 2 "
@@ -51,4 +57,6 @@ class EngineArgs:
             args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
+        if self.kv_cache_dtype != "auto":
+            args += ["--kv-cache-dtype", self.kv_cache_dtype]
         return args

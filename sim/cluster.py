@@ -40,6 +40,7 @@ class ClusterConfig:
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
     agent_pools: dict[str, str] = field(default_factory=dict)  # agent -> pool; others go to pools[0]
     engine: EngineArgs = EngineArgs()  # every replica's vLLM engine arguments
+    engine_version: str | None = None  # engine generation of the cost model: vllm-v1 (default) or vllm-v0 (2023)
     coalesce_steps: bool = True  # advance runs of identical decode steps as one event (same results, faster)
     # replica lifecycle: cold start = engine start-up + weights at the load bandwidth (45 s for an 8B model)
     engine_startup_s: float = 29.0
@@ -64,12 +65,19 @@ class SimBackend:
         self._blocks: dict[str, int] = {}
         self._cold_start: dict[str, float] = {}
         self.max_model_len: dict[str, int] = {}
+        self._api_calls: dict[int, int] = {}  # replica -> calls in its API server (not yet or no more in the engine)
         args = cfg.engine
         for p in cfg.pools:
             model = load_model(p.model)
-            self._costs[p.name] = make_cost_model(cfg.gpu, p.model, p.tp)
+            sized = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                         kv_cache_dtype=args.kv_cache_dtype)
+            self._costs[p.name] = cost = make_cost_model(cfg.gpu, p.model, p.tp, cfg.engine_version, **sized)
             self._blocks[p.name] = args.num_gpu_blocks_override or num_gpu_blocks(
-                cfg.gpu, model, p.tp, block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization)
+                cfg.gpu, model, p.tp, block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                engine=cfg.engine_version, **sized)
+            if cost.api_overhead.before_first_token_s < 0 or cost.api_overhead.after_finish_s < 0:
+                raise ValueError(f"pool '{p.name}': the calibration's API overhead {cost.api_overhead} has a negative "
+                                 f"term, which a simulated call cannot take back; recalibrate")
             self.max_model_len[p.name] = max_model_len(args, model, self._blocks[p.name], p.name)
             self._cold_start[p.name] = cold_start_s(cfg, p.name)
         need = sum(p.initial_replicas * p.tp for p in cfg.pools)
@@ -90,8 +98,28 @@ class SimBackend:
         return front.add_replica(pool, engine, state)
 
     def _finished(self, rec: RequestRecord) -> None:
-        self.front.call_finished(rec.request_id, rec.finish_s, cached_tokens=rec.num_cached_tokens,
-                                 num_preemptions=rec.num_preemptions, scheduled_s=rec.scheduled_s)
+        """The engine is done; the client has the last token ``after_finish_s`` later (the API server's part)."""
+        after = self._costs[self.front.replicas[rec.replica_id].pool].api_overhead.after_finish_s
+
+        def report() -> None:
+            self.front.call_finished(rec.request_id, self.env.now, cached_tokens=rec.num_cached_tokens,
+                                     num_preemptions=rec.num_preemptions, scheduled_s=rec.scheduled_s)
+
+        self._in_api_server(rec.replica_id, after, report)
+
+    def _in_api_server(self, replica_id: int, delay_s: float, fn: Callable[[], None]) -> None:
+        """``fn`` after the API server's ``delay_s`` (at once when it is 0); the call counts as unfinished on the
+        replica meanwhile, so a draining replica is not stopped under it."""
+        if delay_s == 0:
+            fn()
+            return
+        self._api_calls[replica_id] = self._api_calls.get(replica_id, 0) + 1
+
+        def done() -> None:
+            self._api_calls[replica_id] -= 1
+            fn()
+
+        self.after(delay_s, done)
 
     def _cold_start_proc(self, rep: Replica):
         yield self.env.timeout(self._cold_start[rep.pool])
@@ -121,8 +149,11 @@ class SimBackend:
         return self.cfg.num_gpus, self.cfg.num_gpus - self.front.gpus_in_use()
 
     def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
-        replica.handle.add_request(SimRequest(info.request_id, info.input_tokens, int(output_tokens),
-                                              info.block_hashes, info.hash_block_size))
+        """The engine gets the call after the API server's ``before_first_token_s`` (HTTP, tokenization)."""
+        req = SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
+                         info.hash_block_size)
+        before = self._costs[replica.pool].api_overhead.before_first_token_s
+        self._in_api_server(replica.replica_id, before, lambda: replica.handle.add_request(req))
 
     def metrics(self, replica: Replica) -> ReplicaMetrics:
         e = replica.handle
@@ -130,7 +161,7 @@ class SimBackend:
                               e.prefix_cache_hits, e.num_preemptions, e.num_gpu_blocks * e.block_size)
 
     def num_unfinished(self, replica: Replica) -> int:
-        return replica.handle.num_unfinished()
+        return replica.handle.num_unfinished() + self._api_calls.get(replica.replica_id, 0)
 
     def stop_replica(self, replica: Replica) -> None:
         """A drained engine holds nothing: its GPUs count as free once its state left LIVE."""

@@ -1,4 +1,5 @@
-"""Cost model, GPU and model data: accuracy against the real A100 profiles, the engine's contract, bad input."""
+"""Cost model, GPU and model data: accuracy against the real A100 profiles, the engine's contract, bad input.
+(Engine generations, MoE and quantized models, KV sizing and the calibration files: test_costmodel_engines.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.calibration import calibrate, error_table
+from sim.calibration import calibrate_engines, calibrate_kernels, error_table
 from sim.costmodel import SPLIT_KV_BELOW_FRACTION_OF_SMS, CostModel, main, make_cost_model
 from sim.hardware import GPUS, get_gpu
 from sim.models import MODELS, load_model, num_gpu_blocks
@@ -45,18 +46,31 @@ def test_every_profiled_model_and_tp_is_evaluated(errors):
     assert set(errors[errors["group"] == "all_reduce"]["tp"]) == {2, 4, 8}
 
 
-def test_shipped_constants_are_what_the_calibration_command_fits():
-    fitted, shipped = calibrate(), GPUS["a100-80gb"].calibration
+def _assert_same_constants(fitted, shipped):
     for f in dataclasses.fields(shipped):
+        value = getattr(shipped, f.name)
         if f.name == "all_reduce":
-            for tp, fit in shipped.all_reduce.items():
+            for tp, fit in value.items():
                 assert dataclasses.astuple(fitted.all_reduce[tp]) == pytest.approx(dataclasses.astuple(fit), rel=1e-2)
+        elif dataclasses.is_dataclass(value):
+            assert dataclasses.astuple(getattr(fitted, f.name)) == pytest.approx(dataclasses.astuple(value), rel=1e-2)
+        elif isinstance(value, float):
+            assert getattr(fitted, f.name) == pytest.approx(value, rel=1e-2), f.name
         else:
-            assert getattr(fitted, f.name) == pytest.approx(getattr(shipped, f.name), rel=1e-2), f.name
+            assert getattr(fitted, f.name) == value, f.name
+
+
+def test_shipped_constants_are_what_the_calibration_command_fits():
+    gpu = GPUS["a100-80gb"]
+    kernels = calibrate_kernels()
+    _assert_same_constants(kernels, gpu.kernels)
+    v0, v1 = calibrate_engines(kernels)
+    _assert_same_constants(v0, gpu.engine("vllm-v0"))
+    _assert_same_constants(v1, gpu.engine("vllm-v1"))
 
 
 def test_vidur_readme_anchors():
-    cm = make_cost_model("a100-80gb", "llama-2-70b", tp=2)
+    cm = make_cost_model("a100-80gb", "llama-2-70b", tp=2, engine="vllm-v0")
     parts = cm.breakdown((), 1, 1024)
     assert parts["linear"] == pytest.approx(45.0, rel=0.10)
     assert parts["attention_decode"] == pytest.approx(80 * 0.017, rel=0.15)
@@ -64,7 +78,7 @@ def test_vidur_readme_anchors():
     assert 1e3 * cm.step_time((), 1, 1024) == pytest.approx(54.9, rel=0.05)
     # 128 and 512 tokens sit at the bottom of cuBLAS's 128-row tile steps, which the smooth roofline averages over
     # (+13% and +11% there; the MAPE over all token counts is 3-4%)
-    llama3 = make_cost_model("a100-80gb", "llama-3-8b", tp=1)
+    llama3 = make_cost_model("a100-80gb", "llama-3-8b", tp=1, engine="vllm-v0")
     for tokens, linear_ms in [(1, 9.7), (128, 13.2), (512, 34.6), (2048, 141.8), (8192, 542.6)]:
         assert 1e3 * llama3.linear(tokens) == pytest.approx(linear_ms, rel=0.15), tokens
 
@@ -86,9 +100,11 @@ def _bits(a) -> bytes:
         ("a100-40gb", "tiny-llama", 1),
     ],
 )
-@pytest.mark.parametrize("num_decode", [1, 7, 10, 11, 21, 22, 54, 55, 108, 109, 256])
-def test_decode_step_times_is_bit_identical_to_step_time(gpu, model, tp, num_decode):
-    cm = make_cost_model(gpu, model, tp)
+@pytest.mark.parametrize("num_decode", [1, 7, 10, 11, 21, 22, 54, 55, 108, 109, 256, 257, 513])
+@pytest.mark.parametrize("engine", ["vllm-v0", "vllm-v1"])
+def test_decode_step_times_is_bit_identical_to_step_time(gpu, model, tp, num_decode, engine):
+    # max_num_seqs 1024: decode batches above 512 run eagerly under vllm-v1
+    cm = make_cost_model(gpu, model, tp, engine, max_num_seqs=1024)
     context_sum, k = num_decode * 300 + 17, 200
     expected = [cm.step_time((), num_decode, context_sum + i * num_decode) for i in range(k)]
     assert _bits(cm.decode_step_times(num_decode, context_sum, k)) == _bits(expected)
@@ -100,17 +116,20 @@ def test_decode_step_times_is_bit_identical_to_step_time(gpu, model, tp, num_dec
     context_sum=st.integers(0, 5_000_000),
     k=st.integers(0, 40),
     tp=st.sampled_from([1, 2, 4, 8]),
+    engine=st.sampled_from(["vllm-v0", "vllm-v1"]),
+    model=st.sampled_from(["llama-3.1-8b", "mixtral-8x7b", "llama-3.1-8b-awq"]),
 )
-def test_decode_step_times_bit_identity_property(num_decode, context_sum, k, tp):
-    cm = make_cost_model("a100-40gb", "llama-3.1-8b", tp)
+def test_decode_step_times_bit_identity_property(num_decode, context_sum, k, tp, engine, model):
+    cm = make_cost_model("a100-80gb", model, tp, engine, max_num_seqs=600)
     context_sum = max(context_sum, num_decode)
     expected = [cm.step_time((), num_decode, context_sum + i * num_decode) for i in range(k)]
     assert _bits(cm.decode_step_times(num_decode, context_sum, k)) == _bits(expected)
 
 
-def test_breakdown_adds_up_to_step_time():
-    cm = make_cost_model("a100-80gb", "llama-3.1-70b", 4)
-    batch = ([(2048, 0), (512, 4096)], 64, 64 * 3000)
+@pytest.mark.parametrize("engine", ["vllm-v0", "vllm-v1"])
+@pytest.mark.parametrize("batch", [([(2048, 0), (512, 4096)], 64, 64 * 3000), ([(100, 0)], 3, 300), ((), 7, 7000)])
+def test_breakdown_adds_up_to_step_time(engine, batch):
+    cm = make_cost_model("a100-80gb", "llama-3.1-70b", 4, engine)
     assert sum(cm.breakdown(*batch).values()) == pytest.approx(1e3 * cm.step_time(*batch), rel=1e-9)
     assert cm.step_time((), 0, 0) == 0.0 and cm.breakdown((), 0, 0) == {}
 
@@ -122,20 +141,23 @@ def test_breakdown_adds_up_to_step_time():
         ("a100-80gb", "qwen2.5-7b", 2),
         ("h100-80gb", "llama-3.1-70b", 8),
         ("a100-40gb", "tiny-llama", 1),
+        ("a100-80gb", "mixtral-8x7b", 2),
     ],
 )
-def test_more_tokens_never_cheaper(gpu, model, tp):
-    cm = make_cost_model(gpu, model, tp)
+@pytest.mark.parametrize("engine", ["vllm-v0", "vllm-v1"])
+def test_more_tokens_never_cheaper(gpu, model, tp, engine):
+    cm = make_cost_model(gpu, model, tp, engine, max_num_seqs=1024)
     kv_heads, sms = cm.model.kv_heads_per_gpu(tp), cm.gpu.num_sms
 
     def split_switch(batch0, batch1):
         """More decoding sequences may cost less where FlashAttention drops its split-KV path (and its combine
-        kernel): Vidur measured that dip too (batch 21 -> 22: 17 -> 9 us per layer at short contexts)."""
+        kernel): Vidur measured that dip too (batch 21 -> 22: 17 -> 9 us per layer at short contexts), up to 3 % of
+        a short CUDA-graph decode step, which has no launch floor to hide it."""
         return batch0 * kv_heads < SPLIT_KV_BELOW_FRACTION_OF_SMS * sms <= batch1 * kv_heads
 
     def assert_non_decreasing(xs, step, batch=lambda x: 0):
         for (x0, t0), (x1, t1) in pairwise((x, step(x)) for x in xs):
-            assert t1 >= t0 * (0.99 if split_switch(batch(x0), batch(x1)) else 1.0), (x0, x1, t0, t1)
+            assert t1 >= t0 * (0.97 if split_switch(batch(x0), batch(x1)) else 1.0), (x0, x1, t0, t1)
 
     assert_non_decreasing(range(1, 16385, 37), lambda n: cm.step_time([(n, 0)], 0, 0))
     assert_non_decreasing(range(0, 65536, 511), lambda c: cm.step_time([(512, c)], 0, 0))
@@ -153,13 +175,14 @@ def test_tensor_parallel_scaling():
     assert prefill == sorted(prefill, reverse=True)
     assert 4.0 < prefill[0] / prefill[3] < 8.0  # all-reduces and fixed costs keep it below linear
     # decode gains stop where the launch floor and all-reduce latency dominate (Splitwise: 45.0 ms at tp4, 44.9 at tp8)
-    decode = [make_cost_model("a100-80gb", "llama-3.1-8b", tp).step_time((), 64, 64 * 2048) for tp in (1, 2, 4, 8)]
+    decode = [make_cost_model("a100-80gb", "llama-3.1-8b", tp, "vllm-v0").step_time((), 64, 64 * 2048)
+              for tp in (1, 2, 4, 8)]
     assert decode[0] > decode[1] > decode[2] and decode[3] > 0.9 * decode[2]
 
 
 def test_a100_40gb_is_the_80gb_with_slower_memory():
     small, large = get_gpu("a100-40gb"), get_gpu("a100-80gb")
-    assert small.peak_flops == large.peak_flops and small.calibration == large.calibration
+    assert small.peak_flops == large.peak_flops and small.kernels == large.kernels
     assert small.hbm_bandwidth / large.hbm_bandwidth == pytest.approx(1.555 / 2.039)
     decode = [make_cost_model(g, "llama-2-7b").step_time((), 8, 8 * 1024) for g in ("a100-40gb", "a100-80gb")]
     prefill = [make_cost_model(g, "llama-2-7b").step_time([(8192, 0)], 0, 0) for g in ("a100-40gb", "a100-80gb")]
