@@ -18,6 +18,16 @@ Event ordering. Step boundaries are scheduled at a priority after every ordinary
 boundary sees all arrivals of the same instant whichever process produced them, and metrics read at
 that instant (the cluster's sampler) see the state before the boundary, in both modes alike.
 
+Steady decodes. Most of a step is running requests that decode one token each. The leading run of
+them in running order (``_steady``) advances as a group: each keeps its counters as of the step it
+joined (``_Seq.t0``), the engine counts steps (``tick``), and only what differs per request is touched
+one by one: a new KV block every ``block_size`` steps (requests bucketed by the step residue at which
+they need one) and the step a request finishes (indexed by step). A step then costs O(1) for all of
+them, plus the other running requests (prefills), which take the per-request path in running order
+(``_rest``). When the group cannot advance as one (fewer tokens in the budget than decodes, or too
+few free blocks, so someone will be preempted) it is dissolved into ``_rest`` for that step and the
+per-request path decides exactly as vLLM would; it re-forms afterwards.
+
 Time per token: only the first-token and finish times are stored; TPOT = (finish - first token) /
 (output_len - 1), as vLLM computes it.
 """
@@ -25,7 +35,7 @@ Time per token: only the first-token and finish times are stored; TPOT = (finish
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, fields
@@ -37,7 +47,7 @@ import pandas as pd
 import simpy
 
 from frontend.engine_args import EngineArgs
-from sim.kvcache import KVCache, extend_block_hashes
+from sim.kvcache import BlockTable, KVCache, extend_block_hashes
 from traces.schema import validate
 
 _BOUNDARY = 2  # SimPy priority of step boundaries: after URGENT (0) and NORMAL (1) events at the same time
@@ -88,25 +98,33 @@ RECORD_COLUMNS = [f.name for f in fields(RequestRecord)]
 
 
 class _Seq:
-    """The engine's state of one request (vLLM's ``Request``)."""
+    """The engine's state of one request (vLLM's ``Request``). While it is a steady decode its counters hold
+    as of step ``t0`` and the engine's ``tick`` says how far it really is (``Engine._sync``)."""
 
-    __slots__ = ("req", "max_tokens", "num_tokens", "num_output", "num_computed", "blocks", "num_cached_blocks",
-                 "hashes", "arrival_s", "scheduled_s", "first_token_s", "num_cached_tokens", "num_preemptions")
+    __slots__ = ("req", "max_tokens", "num_tokens", "num_output", "num_computed", "table", "num_shareable",
+                 "hashes", "arrival_s", "scheduled_s", "first_token_s", "num_cached_tokens", "num_preemptions",
+                 "order", "t0", "bucket", "finish_tick")
 
-    def __init__(self, req: SimRequest, now: float):
+    def __init__(self, req: SimRequest, now: float, block_size: int, caching: bool):
         self.req = req
         self.max_tokens = max(1, req.output_len)
         self.num_tokens = req.prompt_len  # prompt + generated so far
         self.num_output = 0
         self.num_computed = 0  # tokens whose KV is in blocks
-        self.blocks: list[int] = []  # block table
-        self.num_cached_blocks = 0  # leading blocks registered in the prefix cache
+        self.table = BlockTable()
+        # Leading full blocks whose content the trace ids name: the only ones another request can hit.
+        covered = min(req.prompt_len, len(req.block_hashes) * req.hash_block_size)
+        self.num_shareable = covered // block_size if caching else 0
         self.hashes: list[int] = []  # memoized chain hashes of full blocks
         self.arrival_s = now
         self.scheduled_s = -1.0
         self.first_token_s = -1.0
         self.num_cached_tokens = -1
         self.num_preemptions = 0
+        self.order = 0  # position in running order (increases with every admission)
+        self.t0 = 0  # steady decodes: the tick its counters hold at
+        self.bucket = 0  # steady decodes: it needs a new block in the steps with tick % block_size == bucket
+        self.finish_tick = 0  # steady decodes: the tick after its last step
 
     def decoding(self) -> bool:
         """In the decode phase: one token to compute, and it is a generated one."""
@@ -117,11 +135,9 @@ class _Seq:
 class _Window:
     """A planned run of coalesced decode-only steps, applied when it ends."""
 
-    seqs: list[_Seq]  # the running requests, in running order
-    groups: list[list[_Seq]]  # groups[i % block_size]: requests that need a new block in step i
     starts: list[float]  # start time of each step
     ends: list[float]  # end time of each step
-    allocs: list[int]  # cumulative blocks allocated after each step
+    allocs: np.ndarray  # cumulative blocks allocated after each step
     k: int  # steps to apply
 
 
@@ -147,7 +163,9 @@ class _StepBoundary(simpy.events.Event):
 
 class Engine:
     """One vLLM engine. Metrics (``num_running``, ``num_waiting``, ``kv_usage``, ``prefix_cache_queries``,
-    ``prefix_cache_hits``, ``num_preemptions``) are the /metrics equivalents, valid at any time."""
+    ``prefix_cache_hits``, ``num_preemptions``) are the /metrics equivalents, valid at any time.
+
+    The running requests, in vLLM's running order, are ``_steady + _rest`` (see the module docstring)."""
 
     def __init__(self, env: simpy.Environment, replica_id: int, cost: CostModel, args: EngineArgs,
                  num_gpu_blocks: int, *, coalesce_steps: bool = True,
@@ -158,8 +176,14 @@ class Engine:
         self.on_finish, self.on_first_token = on_finish, on_first_token
         self.kv = KVCache(num_gpu_blocks, args.block_size, args.enable_prefix_caching)
         self.num_gpu_blocks, self.block_size = num_gpu_blocks, args.block_size
-        self.running: list[_Seq] = []
         self.waiting: deque[_Seq] = deque()
+        self._steady: list[_Seq] = []  # the leading steady decodes of the running requests
+        self._rest: list[_Seq] = []  # the other running requests, in running order
+        self._buckets: list[dict[_Seq, None]] = [{} for _ in range(args.block_size)]
+        self._finishing: dict[int, list[_Seq]] = {}  # tick after a steady decode's last step -> those requests
+        self._context = 0  # sum of num_tokens over the steady decodes
+        self._order = 0  # running-order counter
+        self.tick = 0  # steps completed
         self.prefix_cache_queries = 0  # tokens looked up at first schedulings (vllm:prefix_cache_queries)
         self.prefix_cache_hits = 0  # tokens found (vllm:prefix_cache_hits)
         self.num_preemptions = 0
@@ -173,7 +197,7 @@ class Engine:
     # --- metrics --------------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self._steady) + len(self._rest)
 
     @property
     def num_waiting(self) -> int:
@@ -185,10 +209,10 @@ class Engine:
         if w is None:
             return kv.usage
         started = min(w.k, bisect_left(w.starts, self.env.now))  # steps whose blocks are allocated by now
-        return 1.0 - (kv.num_free_blocks - (w.allocs[started - 1] if started else 0)) / kv.num_usable_blocks
+        return 1.0 - (kv.num_free_blocks - (int(w.allocs[started - 1]) if started else 0)) / kv.num_usable_blocks
 
     def num_unfinished(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self._steady) + len(self._rest) + len(self.waiting)
 
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, req: SimRequest) -> None:
@@ -207,7 +231,7 @@ class Engine:
                 f"request {req.request_id}: prompt_len={req.prompt_len} (+ {max_tokens - 1} generated tokens "
                 f"to recompute after a preemption) exceeds max_num_batched_tokens={args.max_num_batched_tokens} "
                 f"with chunked prefill disabled; enable chunked prefill or raise max_num_batched_tokens")
-        self.waiting.append(_Seq(req, self.env.now))
+        self.waiting.append(_Seq(req, self.env.now, args.block_size, args.enable_prefix_caching))
         if self._proc is None:
             self._proc = self.env.process(self._run())
         elif self._interruptible:
@@ -218,14 +242,14 @@ class Engine:
     def _run(self):
         env = self.env
         yield _StepBoundary(env, 0.0)  # start once every arrival of this instant is queued
-        while self.running or self.waiting:
+        while self._steady or self._rest or self.waiting:
             w = self._plan_window() if self.coalesce_steps else None
             if w is None:
-                batch = self._schedule()
+                batch, num_steady = self._schedule()
                 self.num_steps += 1
                 self.num_step_events += 1
-                yield _StepBoundary(env, self._step_time(batch))
-                self._complete(batch)
+                yield _StepBoundary(env, self._step_time(batch, num_steady))
+                self._complete(batch, num_steady)
                 continue
             self._window = w
             self._interruptible = True
@@ -242,11 +266,22 @@ class Engine:
             self._apply_window(w)
         self._proc = None
 
-    def _schedule(self) -> list[tuple[_Seq, int]]:
-        """One vLLM ``Scheduler.schedule()``: (request, tokens to compute) for this step."""
-        args, bs = self.args, self.block_size
+    def _schedule(self) -> tuple[list[tuple[_Seq, int]], int]:
+        """One vLLM ``Scheduler.schedule()``: how many steady decodes are scheduled (all of them, or none), and
+        (request, tokens to compute) for the other requests of this step."""
+        args, bs, kv = self.args, self.block_size, self.kv
         budget = args.max_num_batched_tokens
-        running = self.running
+        num_steady = len(self._steady)
+        if num_steady:
+            need = len(self._buckets[self.tick % bs])
+            if num_steady > budget or need > kv.num_free_blocks:
+                self._dissolve_steady()  # not everyone gets a token, or someone will be preempted: one by one
+                num_steady = 0
+            else:
+                if need:
+                    kv.take_free_blocks(need)
+                budget -= num_steady
+        running = self._rest
         batch: list[tuple[_Seq, int]] = []
         preemptions = self.num_preemptions
         i = 0
@@ -261,9 +296,9 @@ class Engine:
             budget -= n
             i += 1
         if self.num_preemptions > preemptions:  # vLLM admits no waiting request in a step that preempted
-            return batch
+            return batch, num_steady
         waiting = self.waiting
-        while waiting and budget > 0 and len(running) < args.max_num_seqs:
+        while waiting and budget > 0 and num_steady + len(running) < args.max_num_seqs:
             s = waiting[0]
             hit = self._lookup(s)
             hit_tokens = len(hit) * bs
@@ -274,6 +309,8 @@ class Engine:
             if not self._allocate(s, hit_tokens, n, hit):
                 break
             waiting.popleft()
+            self._order += 1
+            s.order = self._order
             running.append(s)
             s.num_computed = hit_tokens
             if s.num_cached_tokens < 0:
@@ -284,14 +321,17 @@ class Engine:
                     self.prefix_cache_hits += hit_tokens
             batch.append((s, n))
             budget -= n
-        return batch
+        return batch, num_steady
 
     def _lookup(self, s: _Seq) -> list[int]:
-        """vLLM ``get_computed_blocks``: cached prefix blocks, leaving at least the last token to compute."""
+        """vLLM ``get_computed_blocks``: cached prefix blocks, leaving at least the last token to compute.
+        Before its first preemption a request can only hit blocks another request could have computed."""
         if not self.args.enable_prefix_caching:
             return []
         kv = self.kv
         max_blocks = (s.num_tokens - 1) // self.block_size
+        if not s.num_preemptions and s.num_shareable < max_blocks:
+            max_blocks = s.num_shareable
         if len(s.hashes) < max_blocks:
             extend_block_hashes(s.hashes, s.req, self.block_size, max_blocks)
         # A blocked head is looked up at every boundary; reuse the last result while it provably holds.
@@ -300,53 +340,56 @@ class Engine:
             hit = last[2]
             if len(hit) == max_blocks or s.hashes[len(hit)] not in kv.cached:
                 return hit
-        hit = kv.find_longest_cache_hit(s.hashes, s.num_tokens - 1)
+        hit = kv.find_longest_cache_hit(s.hashes[:max_blocks], s.num_tokens - 1)
         kv.watch(hit)  # from here on the cache flags any eviction of these blocks
         self._last_lookup = (s, s.num_tokens, hit)
         return hit
 
     def _allocate(self, s: _Seq, num_computed: int, n: int, hit: Sequence[int] = ()) -> bool:
-        """vLLM ``allocate_slots``: blocks for ``num_computed + n`` tokens, then cache the full ones."""
+        """vLLM ``allocate_slots``: blocks for ``num_computed + n`` tokens, then cache the full ones another
+        request could hit (the request's own are registered when it is preempted: ``_preempt``)."""
         total = num_computed + n
-        if hit or -(-total // self.block_size) > len(s.blocks):  # most decode steps need no new block
-            if not self.kv.allocate_slots(s.blocks, total, hit):
+        table = s.table
+        if hit or -(-total // self.block_size) > table.num_blocks:  # most decode steps need no new block
+            if not self.kv.allocate_slots(table, total, hit):
                 return False
-            if hit:
-                s.num_cached_blocks = len(hit)
-        self._cache_full_blocks(s, (total if total < s.num_tokens else s.num_tokens) // self.block_size)
+        num_full = (total if total < s.num_tokens else s.num_tokens) // self.block_size
+        if num_full > s.num_shareable:
+            num_full = s.num_shareable
+        if num_full > len(table.cached):
+            self._cache_full_blocks(s, num_full)
         return True
 
     def _cache_full_blocks(self, s: _Seq, num_full: int) -> None:
-        """Register the request's blocks that are full by now (vLLM does it when it allocates them)."""
-        if num_full > s.num_cached_blocks and self.args.enable_prefix_caching:
-            if len(s.hashes) < num_full:
-                extend_block_hashes(s.hashes, s.req, self.block_size, num_full)
-            self.kv.cache_full_blocks(s.blocks, s.hashes, s.num_cached_blocks, num_full)
-            s.num_cached_blocks = num_full
+        if len(s.hashes) < num_full:
+            extend_block_hashes(s.hashes, s.req, self.block_size, num_full)
+        self.kv.cache_full_blocks(s.table, s.hashes, num_full)
 
     def _allocate_or_preempt(self, s: _Seq, n: int) -> bool:
         """Blocks for running request ``s``, preempting the newest running requests until they fit;
         False when ``s`` itself had to go."""
         while not self._allocate(s, s.num_computed, n):
-            victim = self.running.pop()
+            victim = self._rest.pop()
             self._preempt(victim)
             if victim is s:
                 return False
         return True
 
     def _preempt(self, s: _Seq) -> None:
-        """Preemption by recompute: free the blocks, back to the front of the waiting queue."""
-        self.kv.free_blocks(s.blocks)
-        s.blocks = []
-        s.num_cached_blocks = 0
+        """Preemption by recompute: register the request's full blocks (it may hit them when it comes back), free
+        them, and put it back at the front of the waiting queue."""
+        num_full = s.num_computed // self.block_size
+        if self.args.enable_prefix_caching and num_full > len(s.table.cached):
+            self._cache_full_blocks(s, num_full)
+        self.kv.free_blocks(s.table)
         s.num_computed = 0
         s.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(s)
 
-    def _step_time(self, batch: list[tuple[_Seq, int]]) -> float:
+    def _step_time(self, batch: list[tuple[_Seq, int]], num_steady: int) -> float:
         prefill: list[tuple[int, int]] = []
-        num_decode = context_sum = 0
+        num_decode, context_sum = num_steady, (self._context if num_steady else 0)
         for s, n in batch:
             if n == 1 and s.decoding():
                 num_decode += 1
@@ -355,9 +398,11 @@ class Engine:
                 prefill.append((n, s.num_computed))
         return float(self.cost.step_time(prefill, num_decode, context_sum))
 
-    def _complete(self, batch: list[tuple[_Seq, int]]) -> None:
+    def _complete(self, batch: list[tuple[_Seq, int]], num_steady: int) -> None:
         """vLLM ``update_from_output``: advance each request, emit tokens, finish the done ones."""
         now = self.env.now
+        self.tick += 1
+        self._context += num_steady
         done: list[_Seq] = []
         for s, n in batch:
             s.num_computed += n
@@ -372,15 +417,28 @@ class Engine:
                     done.append(s)
         self._finish_done(done)
 
-    def _finish_done(self, done: list[_Seq]) -> None:
-        """Remove finished requests, free their blocks, then report them (callbacks see the new state)."""
+    def _finish_done(self, done_rest: list[_Seq]) -> None:
+        """Remove finished requests (the steady decodes whose last step this was, and ``done_rest``), free
+        their blocks, then report them (callbacks see the new state)."""
+        done = self._finishing.pop(self.tick, None)
+        if done:
+            done.sort(key=_order)
+            for s in done:
+                self._sync(s)
+                del self._buckets[s.bucket][s]
+                self._context -= s.num_tokens
+            self._steady = [s for s in self._steady if s.num_output < s.max_tokens]
+        if done_rest:
+            self._rest = [s for s in self._rest if s.num_output < s.max_tokens]
+            done = done + done_rest if done else done_rest
+        rest = self._rest
+        while rest and rest[0].decoding():  # the oldest requests past their prefill join the steady decodes
+            self._make_steady(rest.pop(0))
         if not done:
             return
-        self.running = [s for s in self.running if s.num_output < s.max_tokens]
         now = self.env.now
         for s in done:
-            self.kv.free_blocks(s.blocks)
-            s.blocks = []
+            self.kv.free_blocks(s.table)
         if self.on_finish is not None:
             for s in done:
                 r = s.req
@@ -388,52 +446,73 @@ class Engine:
                                              s.first_token_s, now, r.prompt_len, s.max_tokens, s.num_cached_tokens,
                                              s.num_preemptions))
 
+    # --- steady decodes -------------------------------------------------------------------------
+    def _make_steady(self, s: _Seq) -> None:
+        tick = self.tick
+        s.t0 = tick
+        s.bucket = (tick - s.num_computed) % self.block_size  # it computes token num_computed + i at tick + i
+        self._buckets[s.bucket][s] = None
+        s.finish_tick = tick + s.max_tokens - s.num_output
+        self._finishing.setdefault(s.finish_tick, []).append(s)
+        self._context += s.num_tokens
+        self._steady.append(s)
+
+    def _sync(self, s: _Seq) -> None:
+        """Bring a steady decode's counters and block count up to the current tick."""
+        d = self.tick - s.t0
+        s.t0 = self.tick
+        s.num_output += d
+        s.num_tokens += d
+        s.num_computed += d
+        s.table.num_blocks = -(-s.num_computed // self.block_size)
+
+    def _dissolve_steady(self) -> None:
+        """Hand the steady decodes to the per-request path (at the front of ``_rest``: they come first)."""
+        for s in self._steady:
+            self._sync(s)
+        self._rest[:0] = self._steady
+        self._steady = []
+        for b in self._buckets:
+            b.clear()
+        self._finishing.clear()
+        self._context = 0
+
     # --- step coalescing ------------------------------------------------------------------------
     def _plan_window(self) -> _Window | None:
         """The longest run of decode-only steps, from now, whose batch nothing can change; None if < 2."""
-        args, kv, bs = self.args, self.kv, self.block_size
-        running = self.running
-        num = len(running)
-        if num == 0 or num > args.max_num_batched_tokens or not all(s.decoding() for s in running):
+        num = len(self._steady)
+        if self._rest or num == 0 or num > self.args.max_num_batched_tokens:
             return None
-        k = min(s.max_tokens - s.num_output for s in running)  # the last step is the first completion
+        k = min(self._finishing) - self.tick  # the last step is the first completion
         if k < 2:
             return None
-        # Step i allocates a block for each request whose computed tokens fill a block; in running order.
-        groups: list[list[_Seq]] = [[] for _ in range(bs)]
-        for s in running:
-            groups[-s.num_computed % bs].append(s)
-        free = kv.num_free_blocks
-        allocs: list[int] = []
-        total = 0
-        for i in range(k):
-            total += len(groups[i % bs])
-            if total > free:  # step i would preempt
-                k = i
-                break
-            allocs.append(total)
+        # Step i allocates a block for each request whose computed tokens fill a block.
+        bs, tick = self.block_size, self.tick
+        per_step = np.fromiter((len(self._buckets[(tick + i) % bs]) for i in range(bs)), np.int64, bs)
+        allocs = np.cumsum(np.resize(per_step, k))
+        k = min(k, int(np.searchsorted(allocs, self.kv.num_free_blocks, "right")))  # step k would preempt
         if k >= 2 and self.waiting:
             k = self._steps_waiting_head_stays_blocked(k, allocs)
         if k < 2:
             return None
-        ctx = sum(s.num_tokens for s in running)
-        durations = self.cost.decode_step_times(num, ctx, k).tolist()
+        durations = self.cost.decode_step_times(num, self._context, k).tolist()
         starts = list(accumulate(durations, initial=self.env.now))
-        return _Window(list(running), groups, starts[:-1], starts[1:], allocs[:k], k)
+        return _Window(starts[:-1], starts[1:], allocs[:k], k)
 
-    def _steps_waiting_head_stays_blocked(self, k: int, allocs: list[int]) -> int:
+    def _steps_waiting_head_stays_blocked(self, k: int, allocs: np.ndarray) -> int:
         """How many of the next ``k`` decode steps leave the waiting head unschedulable (0 if the first
         does not). Within a decode-only run the free queue only shrinks and the head's needs stay put
         until a step evicts one of its cache hits. Tail-first freeing means such an eviction usually
         lowers need and supply alike, but not provably always (duplicate blocks), so the run stops there."""
         args, kv = self.args, self.kv
-        budget = args.max_num_batched_tokens - len(self.running)
-        if budget <= 0 or len(self.running) >= args.max_num_seqs:
+        num = len(self._steady)
+        budget = args.max_num_batched_tokens - num
+        if budget <= 0 or num >= args.max_num_seqs:
             return k  # not even tried: nothing in a decode-only run changes that
         s = self.waiting[0]
         hit = self._lookup(s)  # also makes the head's hits the cache's watched blocks
         if hit:  # the first step whose allocations evict one of the head's hits ends the run before it
-            k = bisect_right(allocs, kv.first_watched_in_free_queue(allocs[k - 1]), 0, k)
+            k = int(np.searchsorted(allocs[:k], kv.first_watched_in_free_queue(int(allocs[k - 1])), "right"))
             if k == 0:
                 return 0
         hit_tokens = len(hit) * self.block_size
@@ -441,20 +520,18 @@ class Engine:
         if not args.enable_chunked_prefill and n > budget:
             return k
         need = kv.num_blocks_to_allocate(0, hit_tokens + min(n, budget), hit)
-        return k if need > kv.num_free_blocks - allocs[0] else 0
+        return k if need > kv.num_free_blocks - int(allocs[0]) else 0
 
     def _apply_window(self, w: _Window) -> None:
-        """Advance the window's requests by ``w.k`` decode steps, allocating in per-step order."""
-        bs, k = self.block_size, w.k
-        order = [s for i in range(k) for s in w.groups[i % bs]]  # per-step allocation order
-        for s, b in zip(order, self.kv.take_free_blocks(len(order)), strict=True):
-            s.blocks.append(b)
-        for s in w.seqs:
-            s.num_computed += k
-            s.num_output += k
-            s.num_tokens += k
-            self._cache_full_blocks(s, s.num_computed // bs)
-        self._finish_done([s for s in w.seqs if s.num_output >= s.max_tokens])
+        """Advance the steady decodes by ``w.k`` steps: their blocks, their counters (lazily), who finished."""
+        self.kv.take_free_blocks(int(w.allocs[w.k - 1]))
+        self.tick += w.k
+        self._context += w.k * len(self._steady)
+        self._finish_done([])
+
+
+def _order(s: _Seq) -> int:
+    return s.order
 
 
 def simulate_replica(table: pd.DataFrame, cost: CostModel, args: EngineArgs, coalesce: bool = True) -> pd.DataFrame:

@@ -7,6 +7,11 @@ What is reproduced, with vLLM's names:
 - Free blocks sit in one LRU queue (``free``, head = next to reuse). Freed blocks go to the tail, a
   request's blocks in *reverse* order so its tail is evicted before its prefix. A free block that
   still carries a hash stays findable until it is reused; reusing it evicts the hash.
+- Only a block that carries a hash has an identity here. A block without one is interchangeable with
+  any other (nothing can hit it), so the pool counts such *anonymous* blocks instead of naming them: a
+  request's table is its leading hashed blocks plus a count, and the free queue holds anonymous blocks
+  as runs. Work is per hashed block and per run, never per anonymous block, and a request whose prompt
+  shares nothing costs O(1) per allocation however long it is.
 - Only full blocks are cached, each under a hash chained on its parent's (``extend_block_hashes``).
   Cache lookups take the longest run of cached blocks from the start of the prompt, capped so that
   at least the last token is recomputed (``max_cache_hit_length = num_tokens - 1``).
@@ -21,9 +26,12 @@ its content key is the trace id(s) covering those tokens, and tokens past the id
 a row has none, and every generated token) are unique to the request. So two prompts hit each other
 exactly where their trace ids agree, for any ``block_size`` and ``hash_block_size``.
 
-Generated tokens are cached under request-unique keys only: no *other* request can ever hit them,
-because the real executor builds every prompt from the trace ids, never from generated text. A
-request preempted by recompute does re-hit its own generated blocks, as in vLLM.
+Generated tokens, and prompt tokens past the trace ids, are cached under request-unique keys only: no
+*other* request can ever hit them, because the real executor builds every prompt from the trace ids,
+never from generated text. A request preempted by recompute does re-hit its own blocks, as in vLLM.
+Since only the request itself can look such a block up, and only after a preemption, the engine
+registers them when it preempts (``sim.engine``) rather than as they fill: the same hits, without
+hashing every block of every request.
 """
 
 from __future__ import annotations
@@ -108,11 +116,25 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+class BlockTable:
+    """The KV blocks one request holds (its entry of vLLM's ``req_to_blocks``): ``num_blocks`` in all, of which
+    the leading ``len(cached)`` carry a prefix-cache hash (their pool ids, in table order); the rest are
+    anonymous. Hashed blocks always lead: a request hits or registers blocks from the start of its tokens."""
+
+    __slots__ = ("cached", "num_blocks")
+
+    def __init__(self) -> None:
+        self.cached: list[int] = []
+        self.num_blocks = 0
+
+
 class KVCache:
     """The KV block pool of one replica (vLLM v1 ``BlockPool`` + the parts of ``KVCacheManager`` we need).
 
-    A request's block table is a plain ``list[int]`` owned by the caller; the pool only counts
-    references. All methods are O(blocks touched).
+    Hashed blocks have ids 1 .. num_gpu_blocks - 1 (``ref``, ``hash_of``); an id returns to the spare ids when
+    its block loses its hash. ``free`` is the LRU free queue, head first: a positive key is one cached-but-free
+    block, a negative key a run of ``free[key]`` anonymous blocks. All methods are O(hashed blocks + runs
+    touched).
     """
 
     def __init__(self, num_gpu_blocks: int, block_size: int = 16, enable_caching: bool = True):
@@ -124,29 +146,28 @@ class KVCache:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.num_usable_blocks = num_gpu_blocks - 1
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_gpu_blocks))
+        self.free: OrderedDict[int, int] = OrderedDict({-1: self.num_usable_blocks})
+        self.num_free_blocks = self.num_usable_blocks
+        self._next_run = -2  # key of the next anonymous run
         self.ref = [0] * num_gpu_blocks
         self.hash_of = [NO_HASH] * num_gpu_blocks
+        self._spare = list(range(num_gpu_blocks - 1, 0, -1))  # ids of no hashed block (pop() gives the lowest)
         self.cached: dict[int, int] = {}  # block hash -> first block holding it
         self._dups: dict[int, list[int]] = {}  # block hash -> further blocks holding it (rare)
         self._watched: set[int] = set()
         self.watch_evicted = False  # one of the watched blocks lost its hash since watch()
 
     @property
-    def num_free_blocks(self) -> int:
-        return len(self.free)
-
-    @property
     def usage(self) -> float:
         """vllm:kv_cache_usage_perc: cached-but-free blocks count as free."""
-        return 1.0 - len(self.free) / self.num_usable_blocks
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def find_longest_cache_hit(self, block_hashes: Sequence[int], max_cache_hit_length: int) -> list[int]:
         """Blocks of the longest cached prefix, at most ``max_cache_hit_length // block_size`` of them."""
         if not self.enable_caching:
             return []
         get, hit = self.cached.get, []
-        m, i, step = max_cache_hit_length // self.block_size, 0, 16
+        m, i, step = min(max_cache_hit_length // self.block_size, len(block_hashes)), 0, 16
         while i < m:  # growing slices: a miss early in a long prompt costs a few look-ups, not all of them
             part = list(map(get, block_hashes[i:min(i + step, m)]))
             if None in part:
@@ -163,106 +184,156 @@ class KVCache:
 
     def first_watched_in_free_queue(self, limit: int) -> int:
         """Position of the first watched block among the next ``limit`` blocks to be taken, else ``limit``."""
-        flags = map(self._watched.__contains__, islice(self.free, limit))
-        return next(compress(count(), flags), limit)
+        pos, watched = 0, self._watched
+        for key, n in self.free.items():
+            if pos >= limit:
+                break
+            if key in watched:
+                return pos
+            pos += n
+        return limit
 
     def num_blocks_to_allocate(self, num_blocks_held: int, num_tokens: int, computed: Sequence[int] = ()) -> int:
         """Free-queue blocks ``allocate_slots`` would take: new blocks plus hits that sit in the free queue."""
         new = max(0, -(-num_tokens // self.block_size) - num_blocks_held - len(computed))
         return new + list(map(self.ref.__getitem__, computed)).count(0) if computed else new
 
-    def allocate_slots(self, blocks: list[int], num_tokens: int, computed: Sequence[int] = ()) -> bool:
-        """Grow the block table ``blocks`` to hold ``num_tokens`` tokens, first appending the cache hits
-        ``computed``. Returns False, changing nothing, when the free queue is too short."""
-        if self.num_blocks_to_allocate(len(blocks), num_tokens, computed) > len(self.free):
+    def allocate_slots(self, table: BlockTable, num_tokens: int, computed: Sequence[int] = ()) -> bool:
+        """Grow ``table`` to hold ``num_tokens`` tokens, first appending the cache hits ``computed`` (an empty
+        table only). Returns False, changing nothing, when the free queue is too short."""
+        need = -(-num_tokens // self.block_size) - table.num_blocks - len(computed)
+        if computed:
+            ref = self.ref
+            refs = list(map(ref.__getitem__, computed))
+            if max(need, 0) + refs.count(0) > self.num_free_blocks:
+                return False
+            touched = list(compress(computed, map((0).__eq__, refs)))  # cached but free: out of the free queue
+            _consume(map(self.free.__delitem__, touched))
+            self.num_free_blocks -= len(touched)
+            _consume(map(ref.__setitem__, computed, map((1).__add__, refs)))
+            table.cached += computed
+            table.num_blocks += len(computed)
+        elif need > self.num_free_blocks:
             return False
-        ref, free = self.ref, self.free
-        for b in computed:
-            if ref[b] == 0:
-                del free[b]
-            ref[b] += 1
-        blocks.extend(computed)
-        blocks.extend(self.take_free_blocks(-(-num_tokens // self.block_size) - len(blocks)))
+        if need > 0:
+            self.take_free_blocks(need)
+            table.num_blocks += need
         return True
 
-    def take_free_blocks(self, n: int) -> list[int]:
-        """Take ``n`` blocks from the free queue's head (least recently used first), evicting their hashes.
+    def take_free_blocks(self, n: int) -> None:
+        """Take ``n`` blocks from the free queue's head (least recently used first); they lose their hashes
+        and become anonymous blocks of whoever takes them."""
+        if n > self.num_free_blocks:
+            raise ValueError(f"take_free_blocks({n}): only {self.num_free_blocks} blocks are free")
+        self.num_free_blocks -= n
+        free = self.free
+        while n:
+            key = next(iter(free))
+            if key < 0:  # a run of anonymous blocks
+                run = free[key]
+                if run > n:
+                    free[key] = run - n
+                    return
+                del free[key]
+                n -= run
+                continue
+            head = list(islice(free, n))  # cached-but-free blocks up to the next run: evicted in bulk
+            m = next(compress(count(), map((0).__gt__, head)), len(head))
+            del head[m:]
+            self._evict(head)
+            n -= m
 
-        Bulk operations (C-level ``map``) because this runs for every block of every prompt."""
-        free, hash_of = self.free, self.hash_of
-        taken = list(islice(free, n))
-        _consume(map(free.__delitem__, taken))
-        _consume(map(self.ref.__setitem__, taken, repeat(1)))
-        hashes = list(map(hash_of.__getitem__, taken))
-        if hashes.count(NO_HASH) == n:
-            return taken
-        if self._watched and not self._watched.isdisjoint(taken):
+    def _evict(self, blocks: list[int]) -> None:
+        """Cached-but-free ``blocks`` leave the free queue and lose their hashes."""
+        free, hash_of, cached = self.free, self.hash_of, self.cached
+        _consume(map(free.__delitem__, blocks))
+        if self._watched and not self._watched.isdisjoint(blocks):
             self.watch_evicted = True
         if self._dups:
-            for b in taken:
-                if hash_of[b] != NO_HASH:
-                    self._evict(b)
+            for b in blocks:
+                h = hash_of[b]
+                dups = self._dups.get(h)
+                if cached[h] == b:
+                    if dups:
+                        cached[h] = dups.pop(0)
+                    else:
+                        del cached[h]
+                else:
+                    assert dups is not None
+                    dups.remove(b)
+                if dups is not None and not dups:
+                    del self._dups[h]
         else:  # every hash names exactly one block
-            _consume(map(self.cached.__delitem__, [h for h in hashes if h != NO_HASH]))
-            _consume(map(hash_of.__setitem__, taken, repeat(NO_HASH)))
-        return taken
+            _consume(map(cached.__delitem__, map(hash_of.__getitem__, blocks)))
+        _consume(map(hash_of.__setitem__, blocks, repeat(NO_HASH)))
+        self._spare += blocks
 
-    def cache_full_blocks(self, blocks: Sequence[int], block_hashes: Sequence[int], num_cached: int,
-                          num_full: int) -> None:
-        """Register blocks ``num_cached .. num_full - 1`` of a block table under their hashes."""
-        if not self.enable_caching or num_full <= num_cached:
+    def cache_full_blocks(self, table: BlockTable, block_hashes: Sequence[int], num_full: int) -> None:
+        """Register blocks ``len(table.cached) .. num_full - 1`` of ``table`` under their hashes."""
+        start = len(table.cached)
+        m = num_full - start
+        if not self.enable_caching or m <= 0:
             return
-        cached, new_blocks, new_hashes = self.cached, blocks[num_cached:num_full], block_hashes[num_cached:num_full]
-        _consume(map(self.hash_of.__setitem__, new_blocks, new_hashes))
-        if cached.keys().isdisjoint(new_hashes):
-            cached.update(zip(new_hashes, new_blocks, strict=True))
+        spare = self._spare
+        ids = spare[-m:][::-1]
+        del spare[-m:]
+        hashes = block_hashes[start:num_full]
+        _consume(map(self.hash_of.__setitem__, ids, hashes))
+        _consume(map(self.ref.__setitem__, ids, repeat(1)))
+        table.cached += ids
+        cached = self.cached
+        if cached.keys().isdisjoint(hashes):
+            cached.update(zip(hashes, ids, strict=True))
             return
-        for b, h in zip(new_blocks, new_hashes, strict=True):
+        for b, h in zip(ids, hashes, strict=True):
             if h in cached:
                 self._dups.setdefault(h, []).append(b)
             else:
                 cached[h] = b
 
-    def free_blocks(self, blocks: Sequence[int]) -> None:
-        """Release a request's blocks, tail first, so its tail is evicted before its prefix."""
-        ref = self.ref
-        tail_first = blocks[::-1]
+    def free_blocks(self, table: BlockTable) -> None:
+        """Release a request's blocks, tail first, so its tail is evicted before its prefix; empties ``table``."""
+        free, ref = self.free, self.ref
+        anon = table.num_blocks - len(table.cached)
+        if anon:
+            last = next(reversed(free)) if free else 0
+            if last < 0:  # the queue ends in a run: the two are one
+                free[last] += anon
+            else:
+                free[self._next_run] = anon
+                self._next_run -= 1
+        tail_first = table.cached[::-1]
         refs = list(map(ref.__getitem__, tail_first))
         last_ref = list(compress(tail_first, map((1).__eq__, refs)))
         for b in compress(tail_first, map((1).__lt__, refs)):  # shared with another request: stays used
             ref[b] -= 1
         _consume(map(ref.__setitem__, last_ref, repeat(0)))
-        self.free.update(zip(last_ref, repeat(None)))
-
-    def _evict(self, b: int) -> None:
-        h = self.hash_of[b]
-        self.hash_of[b] = NO_HASH
-        dups = self._dups.get(h)
-        if self.cached[h] == b:
-            if dups:
-                self.cached[h] = dups.pop(0)
-            else:
-                del self.cached[h]
-        else:
-            assert dups is not None
-            dups.remove(b)
-        if dups is not None and not dups:
-            del self._dups[h]
+        free.update(zip(last_ref, repeat(1)))
+        self.num_free_blocks += anon + len(last_ref)
+        table.cached = []
+        table.num_blocks = 0
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the pool is inconsistent (used by the property tests)."""
-        ref, free = self.ref, self.free
-        assert 0 not in free and ref[0] == 0, "the null block was handed out"
+        ref, free, hash_of = self.ref, self.free, self.hash_of
+        assert ref[0] == 0 and hash_of[0] == NO_HASH and 0 not in free, "the null block was handed out"
         assert all(r >= 0 for r in ref), "negative reference count"
-        used = {b for b in range(1, self.num_gpu_blocks) if ref[b] > 0}
-        assert not used & free.keys(), "a block is both free and used"
-        assert len(used) + len(free) == self.num_usable_blocks, "used + free != total"
+        assert sum(free.values()) == self.num_free_blocks, "free count does not match the free queue"
+        assert all(n >= 1 for k, n in free.items() if k < 0) and all(n == 1 for k, n in free.items() if k > 0)
+        spare = set(self._spare)
+        assert len(spare) == len(self._spare) and 0 not in spare, "spare ids repeat"
+        hashed = {b for b in range(1, self.num_gpu_blocks) if hash_of[b] != NO_HASH}
+        assert not spare & hashed and len(spare) + len(hashed) == self.num_usable_blocks, "ids lost or shared"
+        assert all(ref[b] == 0 for b in spare), "a spare id is referenced"
+        free_hashed = {k for k in free if k > 0}
+        assert free_hashed <= hashed and all(ref[b] == 0 for b in free_hashed), "a free block is used"
+        assert all(ref[b] > 0 for b in hashed - free_hashed), "a used hashed block is unreferenced"
+        assert len(hashed - free_hashed) <= self.num_usable_blocks - self.num_free_blocks, "used + free > total"
         for h, b in self.cached.items():
-            assert self.hash_of[b] == h, "cached block lost its hash"
+            assert hash_of[b] == h, "cached block lost its hash"
         for h, bs in self._dups.items():
-            assert bs and h in self.cached and all(self.hash_of[b] == h for b in bs), "duplicate index broken"
-        n_hashed = sum(1 for h in self.hash_of if h != NO_HASH)
-        assert n_hashed == len(self.cached) + sum(len(v) for v in self._dups.values()), "hash index incomplete"
+            assert bs and h in self.cached and all(hash_of[b] == h for b in bs), "duplicate index broken"
+        assert len(hashed) == len(self.cached) + sum(len(v) for v in self._dups.values()), "hash index incomplete"
 
 
 def _consume(it: Iterable[object]) -> None:
