@@ -32,14 +32,59 @@ log = logging.getLogger(__name__)
 LIVE = ("starting", "ready", "draining")  # states in which a replica holds its GPUs
 
 
-@dataclass
 class Replica:
     """The front end's record of one replica; ``handle`` is the backend's own (an engine, a server)."""
 
-    replica_id: int
-    pool: str
-    state: str  # starting | ready | draining | stopped | dead
-    handle: Any = None
+    __slots__ = ("replica_id", "pool", "_state", "handle", "_front")
+
+    def __init__(self, replica_id: int, pool: str, state: str, handle: Any = None, front: FrontEnd | None = None):
+        self.replica_id, self.pool, self._state, self.handle, self._front = replica_id, pool, state, handle, front
+
+    @property
+    def state(self) -> str:
+        """starting | ready | draining | stopped | dead"""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        if self._front is not None:
+            self._front._replicas_changed()
+
+    def __repr__(self) -> str:
+        return f"Replica({self.replica_id}, {self.pool!r}, {self._state!r})"
+
+
+_METRICS = ("num_running", "num_waiting", "kv_usage", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+            "kv_capacity_tokens", "outstanding_requests", "outstanding_tokens")
+
+
+class _RoutingView:
+    """A ready replica as ``Router.route`` sees it: ``policies.api.ReplicaView``'s fields, valid during one decision.
+
+    The metric fields are read (a backend scrape and the ledger's counts) when a router first asks for one during
+    the decision, not before: a router that needs only ids (round robin) then costs O(1) per call however many
+    replicas the pool has, and one that reads them pays one scrape per replica, as it would for a ReplicaView.
+    The front end keeps one per ready replica and forgets the values read after each decision."""
+
+    __slots__ = ("replica_id", "pool", "state", "_rep", "_front") + _METRICS
+
+    def __init__(self, rep: Replica, front: FrontEnd):
+        self.replica_id, self.pool, self.state, self._rep, self._front = rep.replica_id, rep.pool, "ready", rep, front
+
+    def __getattr__(self, name: str) -> Any:  # only called for a metric not read yet in this decision
+        if name not in _METRICS:
+            raise AttributeError(name)
+        front = self._front
+        view = front.ledger.replica_view(self.replica_id, self.pool, "ready", front.backend.metrics(self._rep))
+        for field in _METRICS:
+            setattr(self, field, getattr(view, field))
+        front._read_views.append(self)
+        return getattr(view, name)
+
+    def forget(self) -> None:
+        for field in _METRICS:
+            delattr(self, field)
 
 
 class Backend(Protocol):
@@ -109,6 +154,10 @@ class FrontEnd:
         self.ledger = Ledger()
         self.replicas: dict[int, Replica] = {}
         self.pending: dict[str, deque[int]] = {name: deque() for name in names}
+        self._ready: dict[str, tuple[Replica, ...]] = {}  # pool -> its ready replicas (cleared on state changes)
+        self._census: tuple[list[Replica], int, dict[str, tuple[int, int, int]]] | None = None  # see census()
+        self._views: dict[str, tuple[_RoutingView, ...]] = {}  # pool -> what its router sees of them
+        self._read_views: list[_RoutingView] = []  # views whose metrics the last decision read
         self.on_call_done: Callable[[int], None] | None = None  # e.g. a progress bar
         self._ts_rows: list[tuple] = []
         self._cl_rows: list[tuple] = []
@@ -120,15 +169,36 @@ class FrontEnd:
 
     # --- replicas --------------------------------------------------------------------------------------
     def add_replica(self, pool: str, handle: Any, state: str) -> Replica:
-        rep = Replica(len(self.replicas), pool, state, handle)
+        rep = Replica(len(self.replicas), pool, state, handle, self)
         self.replicas[rep.replica_id] = rep
+        self._replicas_changed()
         return rep
 
-    def ready(self, pool: str) -> list[Replica]:
-        return [r for r in self.replicas.values() if r.pool == pool and r.state == "ready"]
+    def _replicas_changed(self) -> None:
+        self._ready.clear()
+        self._census = None
+
+    def census(self) -> tuple[list[Replica], int, dict[str, tuple[int, int, int]]]:
+        """The live replicas, the GPUs they hold, and per pool how many are starting, ready and draining
+        (recounted only after a replica changed state)."""
+        if self._census is None:
+            live = [r for r in self.replicas.values() if r.state in LIVE]
+            counts = {name: tuple(sum(r.pool == name and r.state == state for r in live)
+                                  for state in ("starting", "ready", "draining")) for name in self.pools}
+            self._census = live, sum(self.pools[r.pool].gpus_per_replica for r in live), counts  # type: ignore[assignment]
+        return self._census  # type: ignore[return-value]
+
+    def ready(self, pool: str) -> tuple[Replica, ...]:
+        """The ready replicas of ``pool``, by replica id."""
+        ready = self._ready.get(pool)
+        if ready is None:
+            ready = tuple(r for r in self.replicas.values() if r.pool == pool and r.state == "ready")
+            self._ready[pool] = ready
+            self._views[pool] = tuple(_RoutingView(r, self) for r in ready)
+        return ready
 
     def gpus_in_use(self) -> int:
-        return sum(self.pools[r.pool].gpus_per_replica for r in self.replicas.values() if r.state in LIVE)
+        return self.census()[1]
 
     def replica_ready(self, rep: Replica) -> None:
         """A starting replica serves from now on: route what waited for its pool."""
@@ -177,7 +247,10 @@ class FrontEnd:
     def _route(self, request_id: int) -> None:
         info, now = self.graph.infos[request_id], self.backend.now()
         ready = self.ready(info.pool)
-        views = [self.ledger.replica_view(r.replica_id, r.pool, "ready", self.backend.metrics(r)) for r in ready]
+        views = self._views[info.pool]
+        for v in self._read_views:  # what the last decision read is stale now
+            v.forget()
+        self._read_views.clear()
         t = time.perf_counter() if self.time_policies else 0.0
         choice = self.router.route(info, views, now)
         overhead = time.perf_counter() - t if self.time_policies else 0.0
@@ -280,15 +353,13 @@ class FrontEnd:
     # --- results ---------------------------------------------------------------------------------------
     def sample(self, now: float) -> None:
         """One row per live replica and one per pool (the time series)."""
-        for r in self.replicas.values():
-            if r.state in LIVE:
-                m = self.backend.metrics(r)
-                self._ts_rows.append((now, r.replica_id, r.pool, r.state, m.num_running, m.num_waiting, m.kv_usage))
-        gpus = self.gpus_in_use()
-        for name in self.pools:
-            states = [r.state for r in self.replicas.values() if r.pool == name]
-            self._cl_rows.append((now, name, len(self.pending[name]), states.count("starting"), states.count("ready"),
-                                  states.count("draining"), gpus))
+        live, gpus, counts = self.census()
+        metrics, rows = self.backend.metrics, self._ts_rows
+        for r in live:
+            m = metrics(r)
+            rows.append((now, r.replica_id, r.pool, r.state, m.num_running, m.num_waiting, m.kv_usage))
+        for name, (starting, ready, draining) in counts.items():
+            self._cl_rows.append((now, name, len(self.pending[name]), starting, ready, draining, gpus))
 
     def results(self, config: object, **tables: pd.DataFrame) -> Results:
         requests = self.ledger.results()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -177,8 +177,9 @@ class Ledger:
     # --- results ------------------------------------------------------------------------------
     def results(self) -> pd.DataFrame:
         """Per-request results, ordered by request id (one schema for both backends)."""
-        rows = [asdict(self.calls[k]) for k in sorted(self.calls)]
-        return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        calls = [self.calls[k] for k in sorted(self.calls)]
+        return pd.DataFrame({name: [getattr(c, name) for c in calls] for name in RESULT_COLUMNS},
+                            columns=RESULT_COLUMNS)
 
 
 def _load_tokens(info: RequestInfo) -> int:

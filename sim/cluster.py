@@ -92,27 +92,26 @@ class SimBackend:
 
     def _new_replica(self, pool: str, state: str) -> Replica:
         front = self.front
+        after = self._costs[pool].api_overhead.after_finish_s
         engine = Engine(self.env, len(front.replicas), self._costs[pool], self.cfg.engine, self._blocks[pool],
-                        coalesce_steps=self.cfg.coalesce_steps, on_finish=self._finished,
+                        coalesce_steps=self.cfg.coalesce_steps, on_finish=lambda rec: self._finished(rec, after),
                         on_first_token=front.first_token)
         return front.add_replica(pool, engine, state)
 
-    def _finished(self, rec: RequestRecord) -> None:
+    def _finished(self, rec: RequestRecord, after_finish_s: float) -> None:
         """The engine is done; the client has the last token ``after_finish_s`` later (the API server's part)."""
-        after = self._costs[self.front.replicas[rec.replica_id].pool].api_overhead.after_finish_s
+        if after_finish_s == 0:
+            self._report(rec)
+        else:
+            self._in_api_server(rec.replica_id, after_finish_s, lambda: self._report(rec))
 
-        def report() -> None:
-            self.front.call_finished(rec.request_id, self.env.now, cached_tokens=rec.num_cached_tokens,
-                                     num_preemptions=rec.num_preemptions, scheduled_s=rec.scheduled_s)
-
-        self._in_api_server(rec.replica_id, after, report)
+    def _report(self, rec: RequestRecord) -> None:
+        self.front.call_finished(rec.request_id, self.env.now, cached_tokens=rec.num_cached_tokens,
+                                 num_preemptions=rec.num_preemptions, scheduled_s=rec.scheduled_s)
 
     def _in_api_server(self, replica_id: int, delay_s: float, fn: Callable[[], None]) -> None:
-        """``fn`` after the API server's ``delay_s`` (at once when it is 0); the call counts as unfinished on the
-        replica meanwhile, so a draining replica is not stopped under it."""
-        if delay_s == 0:
-            fn()
-            return
+        """``fn`` after the API server's ``delay_s``; the call counts as unfinished on the replica meanwhile, so a
+        draining replica is not stopped under it."""
         self._api_calls[replica_id] = self._api_calls.get(replica_id, 0) + 1
 
         def done() -> None:
@@ -153,7 +152,10 @@ class SimBackend:
         req = SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
                          info.hash_block_size)
         before = self._costs[replica.pool].api_overhead.before_first_token_s
-        self._in_api_server(replica.replica_id, before, lambda: replica.handle.add_request(req))
+        if before == 0:
+            replica.handle.add_request(req)
+        else:
+            self._in_api_server(replica.replica_id, before, lambda: replica.handle.add_request(req))
 
     def metrics(self, replica: Replica) -> ReplicaMetrics:
         e = replica.handle

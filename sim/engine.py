@@ -35,11 +35,11 @@ Time per token: only the first-token and finish times are stored; TPOT = (finish
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, fields
-from itertools import accumulate
+from dataclasses import dataclass, fields
+from itertools import accumulate, cycle, islice
 from typing import Protocol
 
 import numpy as np
@@ -133,12 +133,14 @@ class _Seq:
 
 @dataclass
 class _Window:
-    """A planned run of coalesced decode-only steps, applied when it ends."""
+    """A planned run of coalesced steps, applied when it ends."""
 
     starts: list[float]  # start time of each step
     ends: list[float]  # end time of each step
-    allocs: np.ndarray  # cumulative blocks allocated after each step
+    allocs: list[int]  # cumulative blocks allocated after each step
     k: int  # steps to apply
+    prefill: _Seq | None  # the request prefilling in these steps, if any
+    chunks: list[int]  # its tokens in each step
 
 
 def _delay_to(now: float, t: float) -> float:
@@ -209,7 +211,7 @@ class Engine:
         if w is None:
             return kv.usage
         started = min(w.k, bisect_left(w.starts, self.env.now))  # steps whose blocks are allocated by now
-        return 1.0 - (kv.num_free_blocks - (int(w.allocs[started - 1]) if started else 0)) / kv.num_usable_blocks
+        return 1.0 - (kv.num_free_blocks - (w.allocs[started - 1] if started else 0)) / kv.num_usable_blocks
 
     def num_unfinished(self) -> int:
         return len(self._steady) + len(self._rest) + len(self.waiting)
@@ -407,15 +409,18 @@ class Engine:
         for s, n in batch:
             s.num_computed += n
             if s.num_computed == s.num_tokens:  # caught up: this step sampled a token
-                s.num_output += 1
-                s.num_tokens += 1
-                if s.first_token_s < 0:
-                    s.first_token_s = now
-                    if self.on_first_token is not None:
-                        self.on_first_token(s.req.request_id, now)
+                self._sample(s, now)
                 if s.num_output >= s.max_tokens:
                     done.append(s)
         self._finish_done(done)
+
+    def _sample(self, s: _Seq, now: float) -> None:
+        s.num_output += 1
+        s.num_tokens += 1
+        if s.first_token_s < 0:
+            s.first_token_s = now
+            if self.on_first_token is not None:
+                self.on_first_token(s.req.request_id, now)
 
     def _finish_done(self, done_rest: list[_Seq]) -> None:
         """Remove finished requests (the steady decodes whose last step this was, and ``done_rest``), free
@@ -479,55 +484,97 @@ class Engine:
 
     # --- step coalescing ------------------------------------------------------------------------
     def _plan_window(self) -> _Window | None:
-        """The longest run of decode-only steps, from now, whose batch nothing can change; None if < 2."""
-        num = len(self._steady)
-        if self._rest or num == 0 or num > self.args.max_num_batched_tokens:
-            return None
-        k = min(self._finishing) - self.tick  # the last step is the first completion
-        if k < 2:
-            return None
-        # Step i allocates a block for each request whose computed tokens fill a block.
-        bs, tick = self.block_size, self.tick
-        per_step = np.fromiter((len(self._buckets[(tick + i) % bs]) for i in range(bs)), np.int64, bs)
-        allocs = np.cumsum(np.resize(per_step, k))
-        k = min(k, int(np.searchsorted(allocs, self.kv.num_free_blocks, "right")))  # step k would preempt
-        if k >= 2 and self.waiting:
-            k = self._steps_waiting_head_stays_blocked(k, allocs)
-        if k < 2:
-            return None
-        durations = self.cost.decode_step_times(num, self._context, k).tolist()
-        starts = list(accumulate(durations, initial=self.env.now))
-        return _Window(starts[:-1], starts[1:], allocs[:k], k)
+        """The longest run of steps, from now, whose batches are known in advance; None if shorter than 2.
 
-    def _steps_waiting_head_stays_blocked(self, k: int, allocs: np.ndarray) -> int:
-        """How many of the next ``k`` decode steps leave the waiting head unschedulable (0 if the first
-        does not). Within a decode-only run the free queue only shrinks and the head's needs stay put
-        until a step evicts one of its cache hits. Tail-first freeing means such an eviction usually
-        lowers need and supply alike, but not provably always (duplicate blocks), so the run stops there."""
+        In such a run the steady decodes decode, and at most one other running request prefills, taking all the
+        budget they leave, so no waiting request can be admitted, until the step that completes its prompt (that
+        step joins the run only if nobody waits). The run ends with the first completion, before a step whose
+        blocks would not fit (someone would be preempted), and, without a prefill, before the waiting head
+        could be admitted."""
+        num, rest = len(self._steady), self._rest
+        budget = self.args.max_num_batched_tokens - num
+        k = min(self._finishing) - self.tick if num else 0  # the last step is the first completion
+        p = None
+        if rest:
+            p = rest[0]
+            if len(rest) > 1 or budget <= 0 or p.decoding():
+                return None
+            steps = -(-(p.num_tokens - p.num_computed) // budget)  # the last one completes the prompt
+            if self.waiting:
+                steps -= 1  # it leaves budget over: a waiting request might be admitted
+            k = min(k, steps) if num else steps
+        elif num == 0 or budget < 0:
+            return None
+        if k < 2:
+            return None
+        bs, kv = self.block_size, self.kv
+        r, buckets = self.tick % bs, self._buckets
+        hit: list[int] = []
+        if p is None and self.waiting:
+            blocked = self._waiting_head_blocked(budget, len(buckets[r]))
+            if blocked is None:
+                return None
+            hit = blocked
+        # Step i allocates a block for each steady decode whose computed tokens fill a block, and the prefill's.
+        per_step = [len(b) for b in buckets[r:]] + [len(b) for b in buckets[:r]]
+        allocs = list(accumulate(islice(cycle(per_step), k)))
+        chunks: list[int] = []
+        if p is not None:
+            chunks = [budget] * k
+            chunks[-1] = min(budget, p.num_tokens - p.num_computed - (k - 1) * budget)
+            done = list(accumulate(chunks, initial=p.num_computed))  # its computed tokens before each step
+            held = p.table.num_blocks
+            allocs = [a + -(-c // bs) - held for a, c in zip(allocs, done[1:], strict=True)]
+        k = min(k, bisect_right(allocs, kv.num_free_blocks))  # step k would preempt
+        if hit and k >= 2:  # the first step whose allocations evict one of the head's hits ends the run before it
+            k = bisect_right(allocs, kv.first_watched_in_free_queue(allocs[k - 1]), 0, k)
+        if k < 2:
+            return None
+        if p is None:
+            durations = self.cost.decode_step_times(num, self._context, k).tolist()
+        else:
+            step_time, ctx = self.cost.step_time, self._context
+            durations = [float(step_time([(chunks[i], done[i])], num, ctx + i * num if num else 0)) for i in range(k)]
+        starts = list(accumulate(durations, initial=self.env.now))
+        return _Window(starts[:-1], starts[1:], allocs[:k], k, p, chunks)
+
+    def _waiting_head_blocked(self, budget: int, first_alloc: int) -> list[int] | None:
+        """Whether the waiting head stays unschedulable through a run of decode-only steps: None if the first
+        step would admit it, else its cache hit (the blocks whose eviction may change that). Within such a run
+        the free queue only shrinks and the head's needs stay put until a step evicts one of its hits.
+        Tail-first freeing means such an eviction usually lowers need and supply alike, but not provably
+        always (duplicate blocks), so the run stops there."""
         args, kv = self.args, self.kv
-        num = len(self._steady)
-        budget = args.max_num_batched_tokens - num
-        if budget <= 0 or num >= args.max_num_seqs:
-            return k  # not even tried: nothing in a decode-only run changes that
+        if budget <= 0 or len(self._steady) >= args.max_num_seqs:
+            return []  # not even tried: nothing in a decode-only run changes that
         s = self.waiting[0]
         hit = self._lookup(s)  # also makes the head's hits the cache's watched blocks
-        if hit:  # the first step whose allocations evict one of the head's hits ends the run before it
-            k = int(np.searchsorted(allocs[:k], kv.first_watched_in_free_queue(int(allocs[k - 1])), "right"))
-            if k == 0:
-                return 0
         hit_tokens = len(hit) * self.block_size
         n = s.num_tokens - hit_tokens
         if not args.enable_chunked_prefill and n > budget:
-            return k
+            return hit
         need = kv.num_blocks_to_allocate(0, hit_tokens + min(n, budget), hit)
-        return k if need > kv.num_free_blocks - int(allocs[0]) else 0
+        return hit if need > kv.num_free_blocks - first_alloc else None
 
     def _apply_window(self, w: _Window) -> None:
-        """Advance the steady decodes by ``w.k`` steps: their blocks, their counters (lazily), who finished."""
-        self.kv.take_free_blocks(int(w.allocs[w.k - 1]))
-        self.tick += w.k
-        self._context += w.k * len(self._steady)
-        self._finish_done([])
+        """Advance the run's requests by ``w.k`` steps: blocks, counters (the steady decodes' lazily), the
+        prefill's first token if its prompt is done, and who finished."""
+        k = w.k
+        self.kv.take_free_blocks(w.allocs[k - 1])
+        self.tick += k
+        self._context += k * len(self._steady)
+        p, done = w.prefill, []
+        if p is not None:
+            p.num_computed += sum(w.chunks[:k])
+            p.table.num_blocks = -(-p.num_computed // self.block_size)
+            num_full = min(p.num_computed // self.block_size, p.num_shareable)
+            if num_full > len(p.table.cached):
+                self._cache_full_blocks(p, num_full)
+            if p.num_computed == p.num_tokens:  # the prompt is done: its last step sampled a token
+                self._sample(p, self.env.now)
+                if p.num_output >= p.max_tokens:
+                    done.append(p)
+        self._finish_done(done)
 
 
 def _order(s: _Seq) -> int:
@@ -560,6 +607,6 @@ def simulate_replica(table: pd.DataFrame, cost: CostModel, args: EngineArgs, coa
 
     env.process(arrivals())
     env.run()
-    out = pd.DataFrame([astuple(r) for r in records], columns=RECORD_COLUMNS)
+    out = pd.DataFrame({c: [getattr(r, c) for r in records] for c in RECORD_COLUMNS}, columns=RECORD_COLUMNS)
     pos = {rid: i for i, rid in enumerate(table["request_id"].tolist())}
     return out.iloc[np.argsort([pos[r] for r in out["request_id"]], kind="stable")].reset_index(drop=True)
