@@ -241,6 +241,7 @@ class CostModel:
     _kv_bytes: int = field(init=False, repr=False)
     _token_costs: dict = field(init=False, repr=False, compare=False)
     _seq_costs: dict = field(init=False, repr=False, compare=False)
+    _plans: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.model.check_tp(self.tp)
@@ -263,6 +264,7 @@ class CostModel:
         set_(self, "_graph_gpu", dataclasses.replace(self.gpu, kernels=kernels) if sizes else self.gpu)
         set_(self, "_token_costs", {})
         set_(self, "_seq_costs", {})
+        set_(self, "_plans", {})
 
     @property
     def api_overhead(self) -> ApiOverhead:
@@ -271,7 +273,15 @@ class CostModel:
 
     def _plan(self, has_prefill: bool, tokens: int, seqs: int) -> _Plan:
         """Full CUDA graph for decode-only steps up to the largest decode capture size; piecewise graph (attention
-        launched eagerly) for other steps up to the largest capture size; eager above (vLLM v1's defaults)."""
+        launched eagerly) for other steps up to the largest capture size; eager above (vLLM v1's defaults).
+        Memoised: the simulator asks for the same few shapes millions of times."""
+        key = (has_prefill, tokens, seqs)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(has_prefill, tokens, seqs)
+        return plan
+
+    def _make_plan(self, has_prefill: bool, tokens: int, seqs: int) -> _Plan:
         sizes = self._piecewise_sizes if has_prefill else self._decode_sizes
         i = bisect.bisect_left(sizes, tokens)
         e, n = self.engine, self._layers

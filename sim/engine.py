@@ -39,6 +39,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from heapq import heappop, heappush
 from itertools import accumulate, cycle, islice
 from typing import Protocol
 
@@ -103,7 +104,7 @@ class _Seq:
 
     __slots__ = ("req", "max_tokens", "num_tokens", "num_output", "num_computed", "table", "num_shareable",
                  "hashes", "arrival_s", "scheduled_s", "first_token_s", "num_cached_tokens", "num_preemptions",
-                 "order", "t0", "bucket", "finish_tick")
+                 "order", "t0", "bucket")
 
     def __init__(self, req: SimRequest, now: float, block_size: int, caching: bool):
         self.req = req
@@ -124,7 +125,6 @@ class _Seq:
         self.order = 0  # position in running order (increases with every admission)
         self.t0 = 0  # steady decodes: the tick its counters hold at
         self.bucket = 0  # steady decodes: it needs a new block in the steps with tick % block_size == bucket
-        self.finish_tick = 0  # steady decodes: the tick after its last step
 
     def decoding(self) -> bool:
         """In the decode phase: one token to compute, and it is a generated one."""
@@ -181,8 +181,9 @@ class Engine:
         self.waiting: deque[_Seq] = deque()
         self._steady: list[_Seq] = []  # the leading steady decodes of the running requests
         self._rest: list[_Seq] = []  # the other running requests, in running order
-        self._buckets: list[dict[_Seq, None]] = [{} for _ in range(args.block_size)]
+        self._new_blocks = [0] * args.block_size  # [i]: steady decodes that need a new block when tick % bs == i
         self._finishing: dict[int, list[_Seq]] = {}  # tick after a steady decode's last step -> those requests
+        self._finish_ticks: list[int] = []  # the keys of _finishing, a heap
         self._context = 0  # sum of num_tokens over the steady decodes
         self._order = 0  # running-order counter
         self.tick = 0  # steps completed
@@ -275,7 +276,7 @@ class Engine:
         budget = args.max_num_batched_tokens
         num_steady = len(self._steady)
         if num_steady:
-            need = len(self._buckets[self.tick % bs])
+            need = self._new_blocks[self.tick % bs]
             if num_steady > budget or need > kv.num_free_blocks:
                 self._dissolve_steady()  # not everyone gets a token, or someone will be preempted: one by one
                 num_steady = 0
@@ -427,10 +428,11 @@ class Engine:
         their blocks, then report them (callbacks see the new state)."""
         done = self._finishing.pop(self.tick, None)
         if done:
+            heappop(self._finish_ticks)
             done.sort(key=_order)
             for s in done:
                 self._sync(s)
-                del self._buckets[s.bucket][s]
+                self._new_blocks[s.bucket] -= 1
                 self._context -= s.num_tokens
             self._steady = [s for s in self._steady if s.num_output < s.max_tokens]
         if done_rest:
@@ -456,9 +458,13 @@ class Engine:
         tick = self.tick
         s.t0 = tick
         s.bucket = (tick - s.num_computed) % self.block_size  # it computes token num_computed + i at tick + i
-        self._buckets[s.bucket][s] = None
-        s.finish_tick = tick + s.max_tokens - s.num_output
-        self._finishing.setdefault(s.finish_tick, []).append(s)
+        self._new_blocks[s.bucket] += 1
+        finish = tick + s.max_tokens - s.num_output
+        if finish in self._finishing:
+            self._finishing[finish].append(s)
+        else:
+            self._finishing[finish] = [s]
+            heappush(self._finish_ticks, finish)
         self._context += s.num_tokens
         self._steady.append(s)
 
@@ -477,9 +483,9 @@ class Engine:
             self._sync(s)
         self._rest[:0] = self._steady
         self._steady = []
-        for b in self._buckets:
-            b.clear()
+        self._new_blocks = [0] * self.block_size
         self._finishing.clear()
+        self._finish_ticks.clear()
         self._context = 0
 
     # --- step coalescing ------------------------------------------------------------------------
@@ -493,7 +499,7 @@ class Engine:
         could be admitted."""
         num, rest = len(self._steady), self._rest
         budget = self.args.max_num_batched_tokens - num
-        k = min(self._finishing) - self.tick if num else 0  # the last step is the first completion
+        k = self._finish_ticks[0] - self.tick if num else 0  # the last step is the first completion
         p = None
         if rest:
             p = rest[0]
@@ -508,16 +514,15 @@ class Engine:
         if k < 2:
             return None
         bs, kv = self.block_size, self.kv
-        r, buckets = self.tick % bs, self._buckets
+        r, new_blocks = self.tick % bs, self._new_blocks
         hit: list[int] = []
         if p is None and self.waiting:
-            blocked = self._waiting_head_blocked(budget, len(buckets[r]))
+            blocked = self._waiting_head_blocked(budget, new_blocks[r])
             if blocked is None:
                 return None
             hit = blocked
         # Step i allocates a block for each steady decode whose computed tokens fill a block, and the prefill's.
-        per_step = [len(b) for b in buckets[r:]] + [len(b) for b in buckets[:r]]
-        allocs = list(accumulate(islice(cycle(per_step), k)))
+        allocs = list(accumulate(islice(cycle(new_blocks[r:] + new_blocks[:r]), k)))
         chunks: list[int] = []
         if p is not None:
             chunks = [budget] * k
