@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,9 +20,9 @@ import pandas as pd
 from policies.api import ClusterObservation, PoolObservation, ReplicaState, ReplicaView, RequestInfo
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaMetrics:
-    """One scrape of a replica's vLLM /metrics (simulated or real)."""
+class ReplicaMetrics(NamedTuple):
+    """One scrape of a replica's vLLM /metrics (simulated or real); a named tuple because the simulator scrapes
+    every replica every second."""
 
     num_running: int
     num_waiting: int

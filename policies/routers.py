@@ -98,14 +98,20 @@ class OutstandingWork:
 
 @dataclass
 class RoundRobin:
-    """Vanilla vLLM behind a Kubernetes Service: the ready replicas in turn, by replica id."""
+    """Vanilla vLLM behind a Kubernetes Service: the ready replicas in turn, by replica id.
+
+    The ids are sorted again only when the replicas come as a new sequence (a front end passes the same tuple
+    while its ready set stays the same), so a call costs O(1) however many replicas there are."""
 
     _calls: int = field(default=0, init=False, repr=False)
+    _seen: Sequence[ReplicaView] | None = field(default=None, init=False, repr=False)
+    _sorted: list[int] = field(default_factory=list, init=False, repr=False)
 
     def route(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> int:
-        ids = _ids(replicas)
+        if replicas is not self._seen or type(replicas) is not tuple:  # a list may have changed in place
+            self._seen, self._sorted = replicas, _ids(replicas)
         self._calls += 1
-        return ids[(self._calls - 1) % len(ids)]
+        return self._sorted[(self._calls - 1) % len(self._sorted)]
 
 
 @dataclass

@@ -131,12 +131,11 @@ class _Seq:
         return self.num_output > 0 and self.num_computed + 1 == self.num_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class _Window:
     """A planned run of coalesced steps, applied when it ends."""
 
-    starts: list[float]  # start time of each step
-    ends: list[float]  # end time of each step
+    times: list[float]  # times[i]: start of step i; times[i + 1]: its end
     allocs: list[int]  # cumulative blocks allocated after each step
     k: int  # steps to apply
     prefill: _Seq | None  # the request prefilling in these steps, if any
@@ -179,7 +178,7 @@ class Engine:
         self.kv = KVCache(num_gpu_blocks, args.block_size, args.enable_prefix_caching)
         self.num_gpu_blocks, self.block_size = num_gpu_blocks, args.block_size
         self.waiting: deque[_Seq] = deque()
-        self._steady: list[_Seq] = []  # the leading steady decodes of the running requests
+        self._steady: dict[_Seq, None] = {}  # the leading steady decodes of the running requests, in order
         self._rest: list[_Seq] = []  # the other running requests, in running order
         self._new_blocks = [0] * args.block_size  # [i]: steady decodes that need a new block when tick % bs == i
         self._finishing: dict[int, list[_Seq]] = {}  # tick after a steady decode's last step -> those requests
@@ -211,7 +210,7 @@ class Engine:
         kv, w = self.kv, self._window
         if w is None:
             return kv.usage
-        started = min(w.k, bisect_left(w.starts, self.env.now))  # steps whose blocks are allocated by now
+        started = min(w.k, bisect_left(w.times, self.env.now, 0, len(w.times) - 1))  # steps allocated by now
         return 1.0 - (kv.num_free_blocks - (w.allocs[started - 1] if started else 0)) / kv.num_usable_blocks
 
     def num_unfinished(self) -> int:
@@ -257,11 +256,11 @@ class Engine:
             self._window = w
             self._interruptible = True
             try:
-                yield _StepBoundary(env, _delay_to(env.now, w.ends[w.k - 1]))
+                yield _StepBoundary(env, _delay_to(env.now, w.times[w.k]))
             except simpy.Interrupt:
                 # An arrival: finish the step in progress (or the one ending right now), then reschedule.
-                w.k = bisect_left(w.ends, env.now, 0, w.k) + 1
-                yield _StepBoundary(env, _delay_to(env.now, w.ends[w.k - 1]))
+                w.k = bisect_left(w.times, env.now, 1, w.k + 1)
+                yield _StepBoundary(env, _delay_to(env.now, w.times[w.k]))
             self._interruptible = False
             self._window = None
             self.num_steps += w.k
@@ -335,6 +334,8 @@ class Engine:
         max_blocks = (s.num_tokens - 1) // self.block_size
         if not s.num_preemptions and s.num_shareable < max_blocks:
             max_blocks = s.num_shareable
+        if max_blocks <= 0:
+            return []
         if len(s.hashes) < max_blocks:
             extend_block_hashes(s.hashes, s.req, self.block_size, max_blocks)
         # A blocked head is looked up at every boundary; reuse the last result while it provably holds.
@@ -434,7 +435,7 @@ class Engine:
                 self._sync(s)
                 self._new_blocks[s.bucket] -= 1
                 self._context -= s.num_tokens
-            self._steady = [s for s in self._steady if s.num_output < s.max_tokens]
+                del self._steady[s]
         if done_rest:
             self._rest = [s for s in self._rest if s.num_output < s.max_tokens]
             done = done + done_rest if done else done_rest
@@ -466,7 +467,7 @@ class Engine:
             self._finishing[finish] = [s]
             heappush(self._finish_ticks, finish)
         self._context += s.num_tokens
-        self._steady.append(s)
+        self._steady[s] = None
 
     def _sync(self, s: _Seq) -> None:
         """Bring a steady decode's counters and block count up to the current tick."""
@@ -482,7 +483,7 @@ class Engine:
         for s in self._steady:
             self._sync(s)
         self._rest[:0] = self._steady
-        self._steady = []
+        self._steady = {}
         self._new_blocks = [0] * self.block_size
         self._finishing.clear()
         self._finish_ticks.clear()
@@ -540,8 +541,7 @@ class Engine:
         else:
             step_time, ctx = self.cost.step_time, self._context
             durations = [float(step_time([(chunks[i], done[i])], num, ctx + i * num if num else 0)) for i in range(k)]
-        starts = list(accumulate(durations, initial=self.env.now))
-        return _Window(starts[:-1], starts[1:], allocs[:k], k, p, chunks)
+        return _Window(list(accumulate(durations, initial=self.env.now)), allocs, k, p, chunks)
 
     def _waiting_head_blocked(self, budget: int, first_alloc: int) -> list[int] | None:
         """Whether the waiting head stays unschedulable through a run of decode-only steps: None if the first

@@ -1,0 +1,162 @@
+"""pythia-sim against Vidur on the very requests of Vidur's reference run (``../shared/benchmarks/vidur``).
+
+Vidur (microsoft/vidur) simulated Llama-2-70B on tensor-parallel 2 x A100-80GB with its Sarathi scheduler (chunks of
+512 tokens, at most 128 requests in a batch), 3,328 KV blocks of 16 tokens per replica, round-robin over replicas;
+the shared files hold its requests and its speed and outputs, measured on this kind of 2-core machine. This
+replays the same requests through ``sim.cluster.simulate`` with the same settings (``max_num_batched_tokens=512``,
+``max_num_seqs=128``, ``num_gpu_blocks_override=3328``) and prints, side by side in one run:
+
+1. speed: simulated requests per wall-second of ``simulate()`` (set-up and result tables included) on 4,096
+   requests, against Vidur's lean loop (metrics off, 759 requests/s) and its default loop (557);
+2. agreement of the outputs with Vidur's (mean TTFT, mean and p99 end-to-end latency, makespan);
+3. scaling at a constant 1 request/s per replica: 1, 4, 16 and 64 replicas (262,144 requests), requests/s
+   relative to 1 replica.
+
+The engine generation is vllm-v0 (``ClusterConfig.engine_version``): Vidur predicts each step from kernels it
+profiled running eagerly (no CUDA graphs) plus CPU overheads measured on the 2023-24 vLLM/Sarathi-Serve
+stack, which is the engine ``sim.costmodel`` calibrates as vllm-v0 (from Vidur's own A100 profiles); vllm-v1
+models today's engine with CUDA graphs and overlapped scheduling, faster than what Vidur simulates.
+
+    python benchmarks/vidur_compare.py                  # all three (about a minute on one core)
+    python benchmarks/vidur_compare.py --replicas 1 4   # scaling on fewer files
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from frontend.engine_args import EngineArgs
+from policies.registry import make_router
+from sim.cluster import ClusterConfig, PoolConfig, Simulation
+from sim.models import num_gpu_blocks
+from traces.schema import make_table
+
+VIDUR_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "benchmarks" / "vidur"
+FILES = {1: "requests_4096.csv.gz", 4: "requests_16384_4replicas.csv.gz", 16: "requests_65536_16replicas.csv.gz",
+         64: "requests_262144_64replicas.csv.gz"}
+# Vidur's recorded figures (VIDUR_DIR/README.md): requests/s of its loop, and its outputs per replica count.
+VIDUR_LEAN_RPS, VIDUR_DEFAULT_RPS = 759.0, 557.0
+VIDUR_OUTPUTS = {1: {"mean TTFT (s)": 1.034, "mean E2E (s)": 21.86, "p99 E2E (s)": 62.1, "makespan (s)": 3925.5},
+                 16: {"mean TTFT (s)": 0.71, "mean E2E (s)": 21.01, "makespan (s)": 4016.0}}
+VIDUR_STEPS, VIDUR_BLOCKS = 40_422, 3328
+AGREEMENT = 0.03  # outputs within 3 % of Vidur's
+ENGINE = EngineArgs(block_size=16, max_num_seqs=128, max_num_batched_tokens=512, num_gpu_blocks_override=VIDUR_BLOCKS)
+GPU, MODEL, TP, ENGINE_VERSION = "a100-80gb", "llama-2-70b", 2, "vllm-v0"
+
+
+def load(replicas: int) -> pd.DataFrame:
+    path = VIDUR_DIR / FILES[replicas]
+    if not path.exists():
+        raise SystemExit(f"{path}: not found; the Vidur benchmark data lives in ../shared/benchmarks/vidur beside "
+                         f"the repository")
+    raw = pd.read_csv(path)
+    return make_table({"request_id": raw["request_id"], "arrival_s": raw["arrived_at"],
+                       "input_tokens": raw["num_prefill_tokens"], "output_tokens": raw["num_decode_tokens"]},
+                      str(path))
+
+
+def config(replicas: int) -> ClusterConfig:
+    return ClusterConfig(gpu=GPU, num_gpus=TP * replicas, pools=(PoolConfig(model=MODEL, tp=TP,
+                                                                            initial_replicas=replicas),),
+                         engine=ENGINE, engine_version=ENGINE_VERSION)
+
+
+def run(table: pd.DataFrame, replicas: int) -> tuple[float, float, Simulation]:
+    """Wall and CPU seconds of one ``simulate()`` (set-up, run, result tables), and the simulation."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    sim = Simulation(table, config(replicas), make_router("round_robin"))
+    sim.run()
+    res = sim.result()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if not (res.requests["status"] == "ok").all():
+        raise SystemExit(f"{replicas} replica(s): not every request was served: {res.summary()}")
+    return wall, cpu, sim
+
+
+def outputs(sim: Simulation) -> dict[str, float]:
+    r = sim.result().requests
+    e2e = (r["finish_s"] - r["release_s"]).to_numpy()
+    return {"mean TTFT (s)": float((r["first_token_s"] - r["release_s"]).mean()), "mean E2E (s)": float(e2e.mean()),
+            "p99 E2E (s)": float(np.percentile(e2e, 99)), "makespan (s)": float(r["finish_s"].max())}
+
+
+def speed(repeats: int) -> None:
+    table = load(1)
+    runs = [run(table, 1) for _ in range(repeats)]
+    wall = statistics.median(w for w, _, _ in runs)
+    cpu = statistics.median(c for _, c, _ in runs)
+    rps = len(table) / wall
+    print(f"== speed: {len(table):,} requests, 1 replica ({MODEL}, tp {TP}, {GPU}, {ENGINE_VERSION}), "
+          f"median of {repeats} runs ==")
+    print(f"pythia-sim simulate(): {wall:.3f} s wall ({cpu:.3f} s CPU) = {rps:,.0f} requests/s "
+          f"(CPU: {len(table) / cpu:,.0f})")
+    print(f"  vs Vidur lean loop    ({VIDUR_LEAN_RPS:,.0f} requests/s): {rps / VIDUR_LEAN_RPS:5.1f}x")
+    print(f"  vs Vidur default loop ({VIDUR_DEFAULT_RPS:,.0f} requests/s): {rps / VIDUR_DEFAULT_RPS:5.1f}x")
+    sim = runs[0][2]
+    engines = [r.handle for r in sim.front.replicas.values()]
+    print(f"  engine steps {sum(e.num_steps for e in engines):,} in {sum(e.num_step_events for e in engines):,} "
+          f"events (Vidur: {VIDUR_STEPS:,} steps), preemptions {sum(e.num_preemptions for e in engines)} "
+          f"(Vidur: 0)")
+    agreement(1, outputs(sim))
+
+
+def agreement(replicas: int, ours: dict[str, float]) -> None:
+    print(f"== outputs, {replicas} replica(s), KV capacity {VIDUR_BLOCKS:,} blocks as Vidur's ==")
+    print(f"{'metric':<16}{'pythia-sim':>12}{'Vidur':>10}{'diff':>9}")
+    for name, theirs in VIDUR_OUTPUTS[replicas].items():
+        diff = ours[name] / theirs - 1
+        mark = "ok" if abs(diff) <= AGREEMENT else f"more than {AGREEMENT:.0%} apart"
+        print(f"{name:<16}{ours[name]:>12.3f}{theirs:>10.3f}{diff:>+9.1%}  {mark}")
+
+
+def kv_capacity() -> None:
+    """What pythia-sim's model of vLLM's memory profiling sizes for this replica, beside Vidur's 3,328."""
+    sized = {version: num_gpu_blocks(GPU, MODEL, TP, ENGINE.block_size, ENGINE.gpu_memory_utilization,
+                                     max_num_batched_tokens=ENGINE.max_num_batched_tokens,
+                                     max_num_seqs=ENGINE.max_num_seqs, engine=version)
+             for version in ("vllm-v0", "vllm-v1")}
+    at_8192 = num_gpu_blocks(GPU, MODEL, TP, ENGINE.block_size, ENGINE.gpu_memory_utilization,
+                             max_num_batched_tokens=8192, max_num_seqs=ENGINE.max_num_seqs, engine=ENGINE_VERSION)
+    print(f"== KV capacity: vLLM's sizing of this replica (gpu_memory_utilization {ENGINE.gpu_memory_utilization}, "
+          f"max_num_batched_tokens {ENGINE.max_num_batched_tokens}): {sized['vllm-v0']:,} blocks (vllm-v0), "
+          f"{sized['vllm-v1']:,} (vllm-v1); with an activation reserve for 8,192 tokens {at_8192:,}; Vidur's "
+          f"planner {VIDUR_BLOCKS:,}. The runs here use Vidur's {VIDUR_BLOCKS:,} ==")
+
+
+def scaling(replica_counts: list[int]) -> None:
+    print("== scaling at 1 request/s per replica (round-robin), one run each ==")
+    print(f"{'replicas':>8}{'requests':>10}{'wall s':>9}{'requests/s':>12}{'vs 1 replica':>14}")
+    base = None
+    for k in replica_counts:
+        table = load(k)
+        wall, _, sim = run(table, k)
+        rps = len(table) / wall
+        base = base or (rps if k == 1 else None)
+        rel = f"{rps / base:13.2f}x" if base else ""
+        print(f"{k:>8}{len(table):>10,}{wall:>9.1f}{rps:>12,.0f}{rel}")
+        if k in VIDUR_OUTPUTS and k != 1:
+            agreement(k, outputs(sim))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5, help="runs of the 4,096-request replay (median reported)")
+    ap.add_argument("--replicas", type=int, nargs="*", default=sorted(FILES), choices=sorted(FILES),
+                    help="replica counts of the scaling runs (none: skip them)")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    speed(args.repeats)
+    kv_capacity()
+    if args.replicas:
+        scaling(sorted(args.replicas))
+
+
+if __name__ == "__main__":
+    main()
