@@ -1,4 +1,4 @@
-"""One vLLM v1 replica as a SimPy process: the scheduler, the KV cache and step coalescing.
+"""One vLLM v1 replica driven by SimPy events: the scheduler, the KV cache and step coalescing.
 
 Each step follows ``vllm/v1/core/sched/scheduler.py``: first the RUNNING requests in order (a decode
 token, or the next prefill chunk) within ``max_num_batched_tokens``; when KV blocks run out the newest
@@ -153,12 +153,13 @@ def _delay_to(now: float, t: float) -> float:
 
 
 class _StepBoundary(simpy.events.Event):
-    """A timeout at priority ``_BOUNDARY`` (SimPy's Timeout always uses NORMAL)."""
+    """A timeout at priority ``_BOUNDARY`` (SimPy's Timeout always uses NORMAL) that calls ``callback``."""
 
-    def __init__(self, env: simpy.Environment, delay: float):
+    def __init__(self, env: simpy.Environment, delay: float, callback: Callable[[simpy.events.Event], None]):
         super().__init__(env)
         self._ok = True
         self._value = None
+        self.callbacks.append(callback)
         env.schedule(self, _BOUNDARY, delay)
 
 
@@ -191,9 +192,10 @@ class Engine:
         self.num_preemptions = 0
         self.num_steps = 0  # engine steps simulated
         self.num_step_events = 0  # SimPy events they took (fewer than steps when coalescing)
-        self._proc: simpy.Process | None = None
-        self._window: _Window | None = None
-        self._interruptible = False  # the process is waiting out a coalesced window
+        self._boundary: _StepBoundary | None = None  # the end of the step or window in progress; None: idle
+        self._batch: tuple[list[tuple[_Seq, int]], int] | None = None  # the step in progress (_schedule's)
+        self._window: _Window | None = None  # or the coalesced steps in progress
+        self._cuttable = False  # an arrival may still shorten the window to the step in progress
         self._last_lookup: tuple[_Seq, int, list[int]] | None = None  # (request, its num_tokens, cache hit)
 
     # --- metrics --------------------------------------------------------------------------------
@@ -234,39 +236,42 @@ class Engine:
                 f"to recompute after a preemption) exceeds max_num_batched_tokens={args.max_num_batched_tokens} "
                 f"with chunked prefill disabled; enable chunked prefill or raise max_num_batched_tokens")
         self.waiting.append(_Seq(req, self.env.now, args.block_size, args.enable_prefix_caching))
-        if self._proc is None:
-            self._proc = self.env.process(self._run())
-        elif self._interruptible:
-            self._interruptible = False
-            self._proc.interrupt()
+        env = self.env
+        if self._boundary is None:  # idle: start once every arrival of this instant is queued
+            self._boundary = _StepBoundary(env, 0.0, self._step_ended)
+        elif self._cuttable:  # finish the step in progress (or the one ending right now), then reschedule
+            self._cuttable = False
+            w = self._window
+            assert w is not None
+            w.k = bisect_left(w.times, env.now, 1, w.k + 1)
+            self._boundary = _StepBoundary(env, _delay_to(env.now, w.times[w.k]), self._step_ended)
 
     # --- the engine loop ------------------------------------------------------------------------
-    def _run(self):
-        env = self.env
-        yield _StepBoundary(env, 0.0)  # start once every arrival of this instant is queued
-        while self._steady or self._rest or self.waiting:
-            w = self._plan_window() if self.coalesce_steps else None
-            if w is None:
-                batch, num_steady = self._schedule()
-                self.num_steps += 1
-                self.num_step_events += 1
-                yield _StepBoundary(env, self._step_time(batch, num_steady))
-                self._complete(batch, num_steady)
-                continue
-            self._window = w
-            self._interruptible = True
-            try:
-                yield _StepBoundary(env, _delay_to(env.now, w.times[w.k]))
-            except simpy.Interrupt:
-                # An arrival: finish the step in progress (or the one ending right now), then reschedule.
-                w.k = bisect_left(w.times, env.now, 1, w.k + 1)
-                yield _StepBoundary(env, _delay_to(env.now, w.times[w.k]))
-            self._interruptible = False
-            self._window = None
+    def _step_ended(self, event: simpy.events.Event) -> None:
+        """A step boundary: apply the step or window that ended, then start the next one (or go idle)."""
+        if event is not self._boundary:
+            return  # the end of a window that an arrival shortened
+        if self._window is not None:
+            w, self._window, self._cuttable = self._window, None, False
             self.num_steps += w.k
             self.num_step_events += 1
             self._apply_window(w)
-        self._proc = None
+        elif self._batch is not None:
+            (batch, num_steady), self._batch = self._batch, None
+            self._complete(batch, num_steady)
+        if not (self._steady or self._rest or self.waiting):
+            self._boundary = None
+            return
+        env = self.env
+        w = self._plan_window() if self.coalesce_steps else None
+        if w is None:
+            self._batch = batch, num_steady = self._schedule()
+            self.num_steps += 1
+            self.num_step_events += 1
+            self._boundary = _StepBoundary(env, self._step_time(batch, num_steady), self._step_ended)
+        else:
+            self._window, self._cuttable = w, True
+            self._boundary = _StepBoundary(env, _delay_to(env.now, w.times[w.k]), self._step_ended)
 
     def _schedule(self) -> tuple[list[tuple[_Seq, int]], int]:
         """One vLLM ``Scheduler.schedule()``: how many steady decodes are scheduled (all of them, or none), and
