@@ -156,10 +156,7 @@ class _StepBoundary(simpy.events.Event):
     """A timeout at priority ``_BOUNDARY`` (SimPy's Timeout always uses NORMAL) that calls ``callback``."""
 
     def __init__(self, env: simpy.Environment, delay: float, callback: Callable[[simpy.events.Event], None]):
-        super().__init__(env)
-        self._ok = True
-        self._value = None
-        self.callbacks.append(callback)
+        self.env, self.callbacks, self._ok, self._value = env, [callback], True, None  # Event.__init__, triggered
         env.schedule(self, _BOUNDARY, delay)
 
 
