@@ -69,6 +69,21 @@ def test_router_returning_an_unknown_replica_is_named():
         simulate(t, small_cfg(), Bad())
 
 
+def test_a_router_sees_every_replica_as_of_its_own_decision():
+    """Views are read when the router asks, once per decision: a decision never sees an earlier one's values."""
+    seen = []
+
+    class Fewest:
+        def route(self, request, replicas, now):
+            seen.append([(r.replica_id, r.outstanding_requests, r.outstanding_tokens) for r in replicas])
+            return min(replicas, key=lambda r: (r.outstanding_requests, r.replica_id)).replica_id
+
+    t = make_table({"request_id": [0, 1, 2], "arrival_s": [0.0, 0.0, 0.0], "input_tokens": [100, 200, 300],
+                    "output_tokens": [5, 5, 5]})
+    simulate(t, small_cfg(), Fewest())
+    assert seen == [[(0, 0, 0), (1, 0, 0)], [(0, 1, 100), (1, 0, 0)], [(0, 1, 100), (1, 1, 200)]]
+
+
 def test_impossible_configs_are_refused_clearly():
     t = make_table({"request_id": [0], "arrival_s": [0.0], "input_tokens": [10], "output_tokens": [1]})
     with pytest.raises(ValueError, match="need 3 GPUs"):

@@ -61,13 +61,22 @@ def random_table(n: int, seed: int, max_prompt: int = 2000, max_out: int = 300, 
     return table(rows)
 
 
+class OneByOne(Engine):
+    """The engine with every running request on the per-request path in every step: the steady decodes are
+    handed to it before each step, as the engine itself does when they cannot advance as a group."""
+
+    def _schedule(self):
+        self._dissolve_steady()
+        return super()._schedule()
+
+
 def drive(tab: pd.DataFrame, cfg: EngineArgs, sample_every: float = 0.0137, cost: LinearCost | None = None,
-          coalesce: bool = True):
+          coalesce: bool = True, engine: type[Engine] = Engine):
     """simulate_replica plus a sampler reading the /metrics equivalents, as the cluster does."""
     env = simpy.Environment()
     cost = cost or LinearCost()
     records = []
-    rep = Engine(env, 0, cost, cfg, cfg.num_gpu_blocks_override, coalesce_steps=coalesce, on_finish=records.append)
+    rep = engine(env, 0, cost, cfg, cfg.num_gpu_blocks_override, coalesce_steps=coalesce, on_finish=records.append)
     samples = []
 
     def arrivals():
@@ -191,13 +200,17 @@ def test_timestamps_are_ordered():
 # --- step coalescing and determinism --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed,cfg", [
+COALESCING_CASES = [
     (0, EngineArgs(num_gpu_blocks_override=400, max_num_seqs=32, max_num_batched_tokens=512)),
     (1, EngineArgs(num_gpu_blocks_override=250, block_size=32, max_num_seqs=16, max_num_batched_tokens=1024)),
     (2, EngineArgs(num_gpu_blocks_override=2000, max_num_batched_tokens=2048)),
     (3, EngineArgs(num_gpu_blocks_override=300, enable_prefix_caching=False, enable_chunked_prefill=False,
                      max_num_batched_tokens=4096)),
-])
+    (4, EngineArgs(num_gpu_blocks_override=500, max_num_seqs=64, max_num_batched_tokens=24)),  # budget < decodes
+]
+
+
+@pytest.mark.parametrize("seed,cfg", COALESCING_CASES)
 def test_coalescing_on_and_off_give_identical_results(seed, cfg):
     tab = random_table(300, seed)
     on, samples_on, rep_on, cost_on = drive(tab, cfg)
@@ -209,6 +222,42 @@ def test_coalescing_on_and_off_give_identical_results(seed, cfg):
     assert any(k > 1 for _, k in cost_on.decode_runs)
     if seed < 2:
         assert rep_on.num_preemptions > 0
+
+
+@pytest.mark.parametrize("seed,cfg", COALESCING_CASES)
+def test_steady_decodes_advanced_as_a_group_match_one_by_one(seed, cfg):
+    """Advancing the leading decodes as one group (lazy counters, blocks by step residue, finishes by step) gives
+    the results, metrics and step times of handling every request on its own in every step."""
+    tab = random_table(300, seed)
+    grouped, samples_grouped, _, cost_grouped = drive(tab, cfg, coalesce=False)
+    single, samples_single, rep_single, cost_single = drive(tab, cfg, coalesce=False, engine=OneByOne)
+    pd.testing.assert_frame_equal(grouped, single, check_exact=True)
+    assert samples_grouped == samples_single
+    assert cost_grouped.steps == cost_single.steps
+    assert rep_single.num_steps == len(cost_single.steps)
+
+
+def test_long_prompt_chunks_are_coalesced_with_identical_results():
+    """The chunks of a long prompt, with decodes beside them, run as one event until the prompt is done."""
+    tab = table([row(0, 0.0, 300, 400), row(1, 0.5, 6000, 20)])
+    cfg = EngineArgs(num_gpu_blocks_override=1000, max_num_batched_tokens=512)
+    on, samples_on, rep_on, cost_on = drive(tab, cfg)
+    off, samples_off, rep_off, _ = drive(tab, cfg, coalesce=False)
+    pd.testing.assert_frame_equal(on, off, check_exact=True)
+    assert samples_on == samples_off
+    chunks = [p for p, _ in cost_on.steps if p and p[0][0] > 1]
+    assert len(chunks) >= 12 and all(n == 0 for _, n in cost_on.steps[:1])  # 6000 tokens in chunks beside decodes
+    assert rep_on.num_step_events <= rep_off.num_step_events - 10  # the chunks took a few events, not one each
+
+
+def test_a_preempted_request_hits_its_own_blocks_when_it_comes_back():
+    """Its blocks are registered when it is preempted (prompts here share nothing, so only it can hit them):
+    coming back it recomputes only what was evicted meanwhile."""
+    rows = [row(0, 0.0, 64, 200), row(1, 0.01, 64, 200)]  # each grows to 17 blocks; 30 are usable
+    res, _, rep, cost = drive(table(rows), EngineArgs(num_gpu_blocks_override=31))
+    assert rep.num_preemptions > 0 and res["num_preemptions"].tolist() == [0, rep.num_preemptions]
+    readmitted = [done for prefill, _ in cost.steps for new, done in prefill if done > 0 and new > 1]
+    assert readmitted and readmitted[-1] % 16 == 0  # a prefill that starts after cached blocks of its own
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -121,6 +121,17 @@ def test_round_robin_cycles_over_replica_ids() -> None:
     assert run(r, [call([]) for _ in range(7)], vs) == [2, 5, 7, 2, 5, 7, 2]
 
 
+def test_round_robin_follows_the_replicas_it_is_given() -> None:
+    r = make_router("round_robin")
+    vs = [view(0), view(1)]
+    assert run(r, [call([]) for _ in range(2)], vs) == [0, 1]
+    vs.append(view(2))  # the same list, changed in place
+    assert run(r, [call([]) for _ in range(3)], vs) == [2, 0, 1]
+    ready = (view(4), view(3))  # a tuple: sorted once, reused while it is the same object
+    assert run(r, [call([]) for _ in range(3)], ready) == [4, 3, 4]  # type: ignore[arg-type]
+    assert r.route(call([]), (view(5),), 0.0) == 5
+
+
 def test_least_loaded_picks_min_outstanding_tokens() -> None:
     r = make_router("least_loaded")
     vs = [view(0, tokens=500, requests=1), view(1, tokens=90, requests=9), view(2, tokens=300)]
