@@ -339,7 +339,7 @@ class Engine:
         if max_blocks <= 0:
             return []
         if len(s.hashes) < max_blocks:
-            extend_block_hashes(s.hashes, s.req, self.block_size, max_blocks)
+            self._extend_hashes(s, max_blocks)
         # A blocked head is looked up at every boundary; reuse the last result while it provably holds.
         last = self._last_lookup
         if last is not None and last[0] is s and last[1] == s.num_tokens and not kv.watch_evicted:
@@ -368,8 +368,13 @@ class Engine:
 
     def _cache_full_blocks(self, s: _Seq, num_full: int) -> None:
         if len(s.hashes) < num_full:
-            extend_block_hashes(s.hashes, s.req, self.block_size, num_full)
+            self._extend_hashes(s, num_full)
         self.kv.cache_full_blocks(s.table, s.hashes, num_full)
+
+    def _extend_hashes(self, s: _Seq, num_blocks: int) -> None:
+        """Hashes of the request's first ``num_blocks`` blocks, and of all its shareable ones at once: those
+        chain over the trace ids from the start, so they are computed in one pass."""
+        extend_block_hashes(s.hashes, s.req, self.block_size, max(num_blocks, s.num_shareable))
 
     def _allocate_or_preempt(self, s: _Seq, n: int) -> bool:
         """Blocks for running request ``s``, preempting the newest running requests until they fit;
