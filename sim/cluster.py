@@ -20,6 +20,7 @@ from frontend.results import Results
 from policies.api import RequestInfo, Router, Scaler
 from sim.costmodel import CostModel, make_cost_model
 from sim.engine import Engine, RequestRecord, SimRequest
+from sim.kvcache import shared_prefix_ids
 from sim.models import Model, load_model, num_gpu_blocks
 
 
@@ -66,6 +67,7 @@ class SimBackend:
         self._cold_start: dict[str, float] = {}
         self.max_model_len: dict[str, int] = {}
         self._api_calls: dict[int, int] = {}  # replica -> calls in its API server (not yet or no more in the engine)
+        self.shared_ids: dict[int, int] = {}  # request -> leading block ids other calls share (set by Simulation)
         args = cfg.engine
         for p in cfg.pools:
             model = load_model(p.model)
@@ -150,7 +152,7 @@ class SimBackend:
     def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
         """The engine gets the call after the API server's ``before_first_token_s`` (HTTP, tokenization)."""
         req = SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
-                         info.hash_block_size)
+                         info.hash_block_size, self.shared_ids.get(info.request_id, 0))
         before = self._costs[replica.pool].api_overhead.before_first_token_s
         if before == 0:
             replica.handle.add_request(req)
@@ -188,6 +190,8 @@ class Simulation:
             agent_pools=cfg.agent_pools, control_interval_s=cfg.control_interval_s, source="simulate(table)",
             externally_scaled=controlled)
         self.backend.front = front
+        self.backend.shared_ids = shared_prefix_ids((i.request_id, i.hash_block_size, i.block_hashes)
+                                                    for i in front.graph.infos.values())
         self.backend.start_initial()
         self.done = env.event()
         self._bar = _progress(len(front.graph)) if progress else None

@@ -48,7 +48,7 @@ import pandas as pd
 import simpy
 
 from frontend.engine_args import EngineArgs
-from sim.kvcache import BlockTable, KVCache, extend_block_hashes
+from sim.kvcache import BlockTable, KVCache, extend_block_hashes, shared_prefix_ids
 from traces.schema import validate
 
 _BOUNDARY = 2  # SimPy priority of step boundaries: after URGENT (0) and NORMAL (1) events at the same time
@@ -76,6 +76,7 @@ class SimRequest:
     output_len: int
     block_hashes: tuple[int, ...]
     hash_block_size: int
+    shared_ids: int | None = None  # leading block_hashes other requests have too (None: maybe all of them)
 
 
 @dataclass
@@ -113,9 +114,10 @@ class _Seq:
         self.num_output = 0
         self.num_computed = 0  # tokens whose KV is in blocks
         self.table = BlockTable()
-        # Leading full blocks whose content the trace ids name: the only ones another request can hit.
-        covered = min(req.prompt_len, len(req.block_hashes) * req.hash_block_size)
-        self.num_shareable = covered // block_size if caching else 0
+        # Leading full blocks whose content trace ids shared with other requests name: the only ones another
+        # request can hit.
+        shared = len(req.block_hashes) if req.shared_ids is None else req.shared_ids
+        self.num_shareable = min(req.prompt_len, shared * req.hash_block_size) // block_size if caching else 0
         self.hashes: list[int] = []  # memoized chain hashes of full blocks
         self.arrival_s = now
         self.scheduled_s = -1.0
@@ -604,9 +606,10 @@ def simulate_replica(table: pd.DataFrame, cost: CostModel, args: EngineArgs, coa
     records: list[RequestRecord] = []
     replica = Engine(env, 0, cost, args, args.num_gpu_blocks_override, coalesce_steps=coalesce,
                       on_finish=records.append)
-    reqs = [SimRequest(int(r), int(p), int(o), tuple(h), int(b)) for r, p, o, h, b in zip(
-        table["request_id"], table["input_tokens"], table["output_tokens"], table["block_hashes"],
-        table["hash_block_size"], strict=True)]
+    rows = list(zip(table["request_id"].tolist(), table["input_tokens"].tolist(), table["output_tokens"].tolist(),
+                    map(tuple, table["block_hashes"]), table["hash_block_size"].tolist(), strict=True))
+    shared = shared_prefix_ids((r, b, h) for r, _, _, h, b in rows)
+    reqs = [SimRequest(r, p, o, h, b, shared.get(r, 0)) for r, p, o, h, b in rows]
     arrival = table["arrival_s"].to_numpy(dtype=np.float64)
     order = np.argsort(arrival, kind="stable").tolist()
 

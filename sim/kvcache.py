@@ -92,6 +92,32 @@ def extend_block_hashes(hashes: list[int], req: PromptTokens, block_size: int, n
         hashes.append(h)
 
 
+def shared_prefix_ids(prompts: Iterable[tuple[int, int, Sequence[int]]]) -> dict[int, int]:
+    """For each prompt ``(request_id, hash_block_size, trace ids)`` of a workload, how many of its leading ids some
+    other prompt (with the same ``hash_block_size``) starts with too. Blocks past them can be hit by no other
+    request, only by the request itself after a preemption, so the engine need not register them before then.
+
+    Sorted lexicographically, a prompt's longest common prefix with any other is the one with a neighbour."""
+    keyed = sorted((hbs, tuple(ids), rid) for rid, hbs, ids in prompts if len(ids))
+    out = {}
+    for i, (hbs, ids, rid) in enumerate(keyed):
+        out[rid] = max((_common_prefix(ids, keyed[j][1]) for j in (i - 1, i + 1)
+                        if 0 <= j < len(keyed) and keyed[j][0] == hbs), default=0)
+    return out
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix (bisection over slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _trace_aligned_hashes(ids: Sequence[int], seed: int, per: int, start: int, end: int) -> list[int]:
     """Hashes of engine blocks ``start .. end - 1``, ``per`` of them to a trace block."""
     chain = []
