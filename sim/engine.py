@@ -7,26 +7,31 @@ nothing was preempted, WAITING requests FCFS while the token budget, ``max_num_s
 blocks allow, stopping at the first that does not fit. A prompt longer than the remaining budget is
 chunked over steps; the step that completes a request's prefill produces its first token.
 
-Step coalescing. A run of decode-only steps in which nothing can change the batch (no arrival, no
-completion, no allocation failure, no change that could admit the waiting head) is advanced as one
-SimPy event, with durations from ``cost.decode_step_times`` and the same float arithmetic as one
-event per step. An arrival in the middle shortens the run to the step in progress, since vLLM admits
-new requests at the next step boundary. The per-request results are bit-identical with coalescing on
-or off (tests/test_engine.py checks this).
+Step coalescing. A run of steps whose batches are known in advance (no arrival, no completion, no
+allocation failure, no change that could admit the waiting head; decodes only, or decodes beside one
+prompt being prefilled in chunks) is advanced as one SimPy event, with durations from the cost model
+and the same float arithmetic as one event per step. An arrival in the middle shortens the run to the
+step in progress, since vLLM admits new requests at the next step boundary. The per-request results
+are bit-identical with coalescing on or off (tests/test_engine.py checks this).
 
-Event ordering. Step boundaries are scheduled at a priority after every ordinary SimPy event, so a
-boundary sees all arrivals of the same instant whichever process produced them, and metrics read at
-that instant (the cluster's sampler) see the state before the boundary, in both modes alike.
+Event ordering. The engine is a chain of step boundaries (``_step_ended``), scheduled at a priority
+after every ordinary SimPy event, so a boundary sees all arrivals of the same instant whichever
+process produced them, and metrics read at that instant (the cluster's sampler) see the state before
+the boundary, in both modes alike.
 
 Steady decodes. Most of a step is running requests that decode one token each. The leading run of
 them in running order (``_steady``) advances as a group: each keeps its counters as of the step it
 joined (``_Seq.t0``), the engine counts steps (``tick``), and only what differs per request is touched
-one by one: a new KV block every ``block_size`` steps (requests bucketed by the step residue at which
-they need one) and the step a request finishes (indexed by step). A step then costs O(1) for all of
-them, plus the other running requests (prefills), which take the per-request path in running order
-(``_rest``). When the group cannot advance as one (fewer tokens in the budget than decodes, or too
-few free blocks, so someone will be preempted) it is dissolved into ``_rest`` for that step and the
-per-request path decides exactly as vLLM would; it re-forms afterwards.
+one by one: a new KV block every ``block_size`` steps (counted per step residue) and the step a
+request finishes (indexed by step). A step then costs O(1) for all of them, plus the other running
+requests (prefills), which take the per-request path in running order (``_rest``). When the group
+cannot advance as one (fewer tokens in the budget than decodes, or too few free blocks, so someone
+will be preempted) it is dissolved into ``_rest`` for that step and the per-request path decides
+exactly as vLLM would; it re-forms afterwards.
+
+Prefix caching touches only blocks another request could hit: the full blocks whose content trace ids
+name that some other call of the workload shares (``SimRequest.shared_ids``). A request's other blocks
+are registered when it is preempted, the only time anyone (itself) can look them up (``sim.kvcache``).
 
 Time per token: only the first-token and finish times are stored; TPOT = (finish - first token) /
 (output_len - 1), as vLLM computes it.
