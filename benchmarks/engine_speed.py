@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,8 +19,9 @@ import pandas as pd
 from frontend.engine_args import EngineArgs
 from sim.engine import simulate_replica
 from traces.schema import make_table
+from traces.shared import shared_dir
 
-TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl.gz"
+TRACE = shared_dir() / "traces" / "mooncake" / "conversation_trace.jsonl.gz"
 
 
 class LinearCost:

@@ -1,13 +1,12 @@
-"""What every experiment shares: the named systems under comparison and one run per point (simulated, or on
-real vLLM servers when a sweep is given a ``RealConfig``)."""
+"""What the experiments share: one run per point (simulated, or on real vLLM servers when a sweep is given a
+``RealConfig``), sweeps over points in worker processes, and the paper-like workloads and their loads."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -16,9 +15,9 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from experiments.metrics import summarize  # noqa: E402
+from frontend.metrics import summarize  # noqa: E402
 from frontend.results import Results  # noqa: E402
-from policies.registry import make_router, make_scaler  # noqa: E402
+from policies.systems import System, make_system, system  # noqa: E402
 from sim.cluster import ClusterConfig, simulate  # noqa: E402
 from traces.workflow import make_workload  # noqa: E402
 
@@ -26,53 +25,16 @@ if TYPE_CHECKING:
     from real import RealConfig
 
 
-@dataclass(frozen=True)
-class System:
-    """A serving system under test: a router, an optional scaler, and how many replicas it starts with.
-
-    Every system starts with the whole cluster (one replica per GPU); autoscalers then shrink and grow it, so
-    no system pays a cold-start ramp the others do not.
-    """
-
-    label: str
-    router: str
-    scaler: str | None = None
-    initial_replicas: int | None = None  # None: all GPUs
-    router_params: dict = field(default_factory=dict)
-    scaler_params: dict = field(default_factory=dict)
+def run_system(table: pd.DataFrame, name: str, base: ClusterConfig) -> Results:
+    """Simulate ``table`` on ``base`` served by system ``name`` (with its own initial replica count)."""
+    p = make_system(name)
+    return simulate(table, cluster_config(system(name), base), p.router, p.scaler)
 
 
-SYSTEMS: dict[str, System] = {
-    "vllm": System("vLLM (round-robin)", "round_robin"),
-    "vllm-hpa": System("vLLM + K8s HPA", "round_robin", "hpa"),
-    "sglang": System("SGLang cache-aware", "cache_aware"),
-    "pythia": System("Pythia", "pythia", "pythia"),
-    "pythia-routing": System("Pythia routing only", "pythia"),
-    "pythia-scaling": System("Pythia scaling only", "round_robin", "pythia"),
-}
-
-
-def system(name: str) -> System:
-    if name not in SYSTEMS:
-        raise KeyError(f"unknown system '{name}'; known: {', '.join(SYSTEMS)}")
-    return SYSTEMS[name]
-
-
-def cluster_config(sys: System, base: ClusterConfig | None = None) -> ClusterConfig:
-    base = base or ClusterConfig()
+def cluster_config(sys: System, base: ClusterConfig) -> ClusterConfig:
     pool = base.pools[0]
     n = base.num_gpus // pool.tp if sys.initial_replicas is None else sys.initial_replicas
     return replace(base, pools=(replace(pool, initial_replicas=n),))
-
-
-def policies(sys: System):
-    """A fresh router and scaler (or None) of the system: policy objects keep state, so one per run."""
-    router = make_router(sys.router, **sys.router_params)
-    return router, make_scaler(sys.scaler, **sys.scaler_params) if sys.scaler else None
-
-
-def run_system(table: pd.DataFrame, sys: System, base: ClusterConfig | None = None) -> Results:
-    return simulate(table, cluster_config(sys, base), *policies(sys))
 
 
 def summary_row(res: Results, **labels: object) -> dict:
@@ -89,6 +51,7 @@ class Point:
     duration_s: float
     seed: int = 0
     arrivals: str | None = None  # e.g. "onoff:...": overrides the Poisson arrivals at `rate`
+    cluster: ClusterConfig = ClusterConfig()  # GPUs, model, engine arguments
 
 
 def workload_table(p: Point) -> pd.DataFrame:
@@ -98,7 +61,7 @@ def workload_table(p: Point) -> pd.DataFrame:
 
 
 def run_point(p: Point) -> Results:
-    return run_system(workload_table(p), system(p.system))
+    return run_system(workload_table(p), p.system, p.cluster)
 
 
 def run_point_real(p: Point, servers: RealConfig) -> Results:
@@ -106,9 +69,9 @@ def run_point_real(p: Point, servers: RealConfig) -> Results:
     replicas (or its own initial count), and the same router and scaler objects drive them."""
     import real
 
-    sys = system(p.system)
+    sys, pol = system(p.system), make_system(p.system)
     n = servers.capacity if sys.initial_replicas is None else sys.initial_replicas
-    return real.execute(workload_table(p), replace(servers, num_replicas=n), *policies(sys))
+    return real.execute(workload_table(p), replace(servers, num_replicas=n), pol.router, pol.scaler)
 
 
 def summarize_point(p: Point, real: RealConfig | None = None) -> dict:
@@ -132,11 +95,6 @@ def parallel_map(fn: Callable, items: Iterable, jobs: int = 1, desc: str = "runs
         return [fn(x) for x in tqdm(items, desc=desc, unit="run")]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="run"))
-
-
-def write(table: pd.DataFrame, out: Path, name: str) -> None:
-    table.to_csv(out / f"{name}.csv", index=False)
-
 
 
 # The two paper-like workloads, the offered loads (jobs/s) swept for them, and the reference load at which

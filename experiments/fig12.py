@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from experiments.common import parallel_map, summary_row
-from experiments.metrics import gpus_series
-from experiments.train_scaler import plot_curve
+from experiments.output import Context, Output
+from experiments.plots import figure, plot_curve, setting
+from frontend.metrics import gpus_series
 from policies.registry import make_router, make_scaler
 from policies.rl import DEFAULT_CHECKPOINT, read_checkpoint_meta
 from sim.cluster import simulate
@@ -69,23 +70,22 @@ def _run(job: Job) -> dict:
                        workflow_rate=ep.about["workflow_rate"], gpus_min=int(held.min()), gpus_max=int(held.max()))
 
 
-def run(quick: bool, seed: int, out: Path, jobs: int = 1, checkpoint: Path = DEFAULT_CHECKPOINT) -> pd.DataFrame:
+def run(ctx: Context) -> Output:
+    checkpoint = Path(ctx.options.get("checkpoint", DEFAULT_CHECKPOINT))
     meta = read_checkpoint_meta(checkpoint)
     cfg = replace(EnvConfig.from_dict(meta["env_config"]), split="test")
-    if quick:
+    if ctx.quick:
         cfg = replace(cfg, episode_s=120.0)
-    episodes = 2 if quick else EPISODES
-    who = contenders(cfg.cluster.num_gpus, quick, checkpoint, meta["residual_of"])
-    work = [Job(cfg, (seed, k), w) for k in range(episodes) for w in who]
-    df = pd.DataFrame(parallel_map(_run, work, jobs, desc="simulate"))
-    df.to_csv(out / "fig12.csv", index=False)
+    episodes = 2 if ctx.quick else EPISODES
+    who = contenders(cfg.cluster.num_gpus, ctx.quick, checkpoint, meta["residual_of"])
+    work = [Job(cfg, (ctx.seed, k), w) for k in range(episodes) for w in who]
+    df = pd.DataFrame(parallel_map(_run, work, ctx.jobs, desc="simulate"))
     g = df.groupby("scaler", sort=False)
     summary = g[["slo_attainment", "gpu_seconds", "p99_latency_s", "mean_jct_s"]].mean()
     summary["gpus_min"], summary["gpus_max"] = g["gpus_min"].min(), g["gpus_max"].max()
     summary = summary.join(paired(df)).reset_index()
     summary.insert(1, "episodes", episodes)
-    _plot(meta, summary, df, out, cfg)
-    return summary
+    return Output(df, plot(meta, summary, df, cfg), tables={"summary": summary}, summary=summary)
 
 
 def paired(df: pd.DataFrame) -> pd.DataFrame:
@@ -100,8 +100,9 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, out: Path, cfg: EnvConfig) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.3))
+def plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, cfg: EnvConfig) -> Figure:
+    fig, axes = figure(1, 2, 6, 4.3)
+    a, b = axes[0]
     plot_curve(pd.DataFrame(meta["curve"]), a, meta.get("selected_at"))
     a.set_title(f"training: PPO, {meta['timesteps']} steps, reward on validation windows", fontsize=10)
     for k, row in summary.iterrows():
@@ -117,7 +118,7 @@ def _plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, out: Path, cfg: E
                 "big marker = mean", fontsize=10)
     b.grid(alpha=0.3)
     b.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Fig. 12: a scaling policy learned on the simulator (PPO) vs heuristic scalers")
+    fig.suptitle(f"Fig. 12: a scaling policy learned on the simulator (PPO) vs heuristic scalers, "
+                 f"{setting(cfg.cluster)}")
     fig.tight_layout()
-    fig.savefig(out / "fig12.png", dpi=120)
-    plt.close(fig)
+    return fig

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
 
-from experiments.common import WORKLOADS, Point, duration, loads, sweep, system, write
+from experiments.common import WORKLOADS, Point, duration, loads, sweep
+from experiments.output import Context, Output
+from experiments.plots import color_of, figure, setting
+from policies.systems import system
 
 SYSTEMS = ("vllm", "vllm-hpa", "sglang", "pythia")
 PANELS = (("throughput_rps", "throughput (calls/s)"), ("p99_latency_s", "p99 call latency (s)"),
@@ -15,32 +16,31 @@ PANELS = (("throughput_rps", "throughput (calls/s)"), ("p99_latency_s", "p99 cal
           ("prefix_hit_rate", "prefix-cache hit rate"))
 
 
-def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
-    points = [Point(w, r, s, duration(quick), seed) for w in WORKLOADS for r in loads(w, quick) for s in SYSTEMS]
-    df = sweep(points, jobs)
-    write(df, out, "fig7")
-    plot(df, out / "fig7.png")
-    return df[["workload", "rate", "system", "throughput_rps", "p99_latency_s", "mean_jct_s", "p95_jct_s",
-               "prefix_hit_rate"]]
+def run(ctx: Context) -> Output:
+    points = [Point(w, r, s, duration(ctx.quick), ctx.seed, cluster=ctx.cluster)
+              for w in WORKLOADS for r in loads(w, ctx.quick) for s in SYSTEMS]
+    df = sweep(points, ctx.jobs)
+    summary = df[["workload", "rate", "system", "throughput_rps", "p99_latency_s", "mean_jct_s", "p95_jct_s",
+                  "prefix_hit_rate"]]
+    return Output(df, plot(df, setting(ctx.cluster)), summary=summary)
 
 
-def plot(df: pd.DataFrame, path: Path) -> None:
+def plot(df: pd.DataFrame, where: str) -> Figure:
     workloads = list(dict.fromkeys(df["workload"]))
-    fig, axes = plt.subplots(len(workloads), len(PANELS), figsize=(4.2 * len(PANELS), 3.4 * len(workloads)),
-                             squeeze=False)
+    fig, axes = figure(len(workloads), len(PANELS), 4.2, 3.4)
+    colors = color_of(SYSTEMS)
     for i, w in enumerate(workloads):
         for j, (col, title) in enumerate(PANELS):
             ax = axes[i][j]
-            for k, s in enumerate(SYSTEMS):
+            for s in SYSTEMS:
                 d = df[(df["workload"] == w) & (df["system"] == s)].sort_values("rate")
-                line, = ax.plot(d["rate"], d[col], marker="o", color=f"C{k}", label=system(s).label)
+                ax.plot(d["rate"], d[col], marker="o", color=colors[s], label=system(s).label)
                 if col == "mean_jct_s":
-                    ax.plot(d["rate"], d["p95_jct_s"], ls="--", color=line.get_color())
+                    ax.plot(d["rate"], d["p95_jct_s"], ls="--", color=colors[s])
             ax.set_xlabel("offered load (jobs/s)")
             ax.set_title(f"{w}: {title}" if j == 0 else title, fontsize=10)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Fig. 7: end-to-end performance, 8 x A100-40GB, Llama-3.1-8B (simulated)")
+    fig.suptitle(f"Fig. 7: end-to-end performance, {where} (simulated)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

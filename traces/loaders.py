@@ -32,6 +32,8 @@ one call (first call's time and think time, second call's output). The number me
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -46,12 +48,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.arrivals import ArrivalProcess, Poisson, parse_arrivals
+from traces.arrivals import ArrivalProcess, Poisson, Replay, parse_arrivals
 from traces.compaction import DEFAULT_CONTEXT_LIMIT, check_limit, compact_prompt, compact_session
 from traces.schema import WorkloadError, make_table
 from traces.sessions import Session, no_gc, sessions_to_table
+from traces.shared import SHARED_DIR
 
-TRACES_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+TRACES_DIR = SHARED_DIR / "traces"
 DEFAULT_SESSION_RATE = 0.1  # agent sessions per second when neither session_rate nor arrivals is given
 
 
@@ -508,7 +511,7 @@ def load_trace(name: str, *, window_s: tuple[float, float] | None = None, rate_s
     sessions, attrs = spec.read(path, max_sessions)
     if sample_frac < 1.0:
         sessions = [s for s, u in zip(sessions, rng_sample.random(len(sessions)), strict=True) if u < sample_frac]
-    process = parse_arrivals(arrivals) if arrivals is not None else Poisson(session_rate or DEFAULT_SESSION_RATE)
+    process = resolve_arrivals(arrivals) if arrivals is not None else Poisson(session_rate or DEFAULT_SESSION_RATE)
     starts = process.times(rng_arrivals, n=len(sessions))
     if window_s is not None:
         inside = (starts >= window_s[0]) & (starts < window_s[1])
@@ -611,3 +614,24 @@ def _int_text(text: str, key: str, where: str, minimum: int) -> int:
     if value < minimum:
         raise WorkloadError(f"{where}: field '{key}'={value} must be >= {minimum}")
     return value
+
+
+def resolve_arrivals(spec: ArrivalProcess | str | dict) -> ArrivalProcess:
+    """``parse_arrivals``, with a replayed trace's recorded arrival times attached (``Replay.recorded``)."""
+    process = parse_arrivals(spec)
+    if isinstance(process, Replay) and process.recorded is None:
+        process = dataclasses.replace(process, recorded=_recorded_arrivals(process.trace))
+    return process
+
+
+@functools.lru_cache(maxsize=8)
+def _recorded_arrivals(name: str) -> np.ndarray:
+    """Arrival times (s, from 0) of a trace's calls without parents; loaded once per process."""
+    if name in TRACES and TRACES[name].sessions:
+        raise WorkloadError(f"replay:{name}: agent-session traces have no common clock to replay; "
+                            f"replay a trace with recorded arrivals: "
+                            f"{', '.join(n for n, s in TRACES.items() if not s.sessions)}")
+    t = load_trace(name)["arrival_s"].to_numpy()
+    t = t - t[0]
+    t.flags.writeable = False
+    return t

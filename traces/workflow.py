@@ -36,8 +36,9 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from traces.arrivals import ArrivalProcess, Poisson, parse_arrivals
+from traces.arrivals import ArrivalProcess, Poisson
 from traces.compaction import DEFAULT_CONTEXT_LIMIT, check_limit, plan
+from traces.loaders import TRACES, load_trace, resolve_arrivals
 from traces.schema import WorkloadError
 from traces.sessions import Session, no_gc, sessions_to_table
 
@@ -596,7 +597,7 @@ def generate(workflow: Workflow | str | Path, arrivals: ArrivalProcess | str | d
         raise WorkloadError("generate: give exactly one of num_jobs or duration_s")
     if num_jobs is not None and num_jobs < 0 or duration_s is not None and not duration_s > 0:
         raise WorkloadError(f"generate: num_jobs={num_jobs} must be >= 0, duration_s={duration_s} > 0")
-    process = parse_arrivals(arrivals)
+    process = resolve_arrivals(arrivals)
     starts = process.times(np.random.default_rng([seed, 0]), n=num_jobs, duration_s=duration_s)
     jobs = sample_jobs(wf, len(starts), seed, context_limit_tokens)
     return sessions_to_table(jobs, starts, f"workflow '{wf.name}'")
@@ -622,8 +623,6 @@ def make_workload(name: str | Workflow, *, rate: float | None = None,
     (default 600 s) or ``num_jobs``. Traces: ``load_trace(name, seed=seed, **knobs)``; for agent-session
     traces ``rate`` is the session rate. ``context_limit_tokens`` applies to both.
     """
-    from traces.loaders import TRACES, load_trace
-
     if isinstance(name, str) and name in TRACES:
         if duration_s is not None or num_jobs is not None:
             raise WorkloadError(f"make_workload('{name}'): a trace has its own length; use window_s or "
@@ -635,7 +634,7 @@ def make_workload(name: str | Workflow, *, rate: float | None = None,
     if unknown:
         raise WorkloadError(f"make_workload('{getattr(name, 'name', name)}'): unknown option(s) {sorted(unknown)} "
                             "for a workflow")
-    process = parse_arrivals(arrivals) if arrivals is not None else Poisson(1.0 if rate is None else rate)
+    process = resolve_arrivals(arrivals) if arrivals is not None else Poisson(1.0 if rate is None else rate)
     if num_jobs is None and duration_s is None:
         duration_s = 600.0
     return generate(name, process, num_jobs=num_jobs, duration_s=duration_s, seed=seed, **knobs)

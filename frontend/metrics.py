@@ -1,4 +1,4 @@
-"""Summary metrics of one run, defined once for every figure and table (see the README's definitions)."""
+"""Summary metrics of one run's Results, defined once for every figure, table and command (see the README)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFra
         "slo_attainment": float(slo_ok.mean()) if len(ok) else math.nan,
         "mean_jct_s": float(jobs["jct_s"].mean()) if len(jobs) else math.nan,
         "p95_jct_s": _pct(jobs["jct_s"], 95) if len(jobs) else math.nan,
-        "mem_util_variance": mem_util_cv(timeseries),
+        "mem_util_cv": mem_util_cv(timeseries),
         "max_queue_len": max_queue(timeseries, cluster),
         "preemptions": float(ok["num_preemptions"].sum()),
     }
