@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,8 +35,9 @@ from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, Simulation
 from sim.models import num_gpu_blocks
 from traces.schema import make_table
+from traces.shared import shared_dir
 
-VIDUR_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "benchmarks" / "vidur"
+VIDUR_DIR = shared_dir() / "benchmarks" / "vidur"
 FILES = {1: "requests_4096.csv.gz", 4: "requests_16384_4replicas.csv.gz", 16: "requests_65536_16replicas.csv.gz",
          64: "requests_262144_64replicas.csv.gz"}
 # Vidur's recorded figures (VIDUR_DIR/README.md): requests/s of its loop, and its outputs per replica count.
@@ -53,8 +53,8 @@ GPU, MODEL, TP, ENGINE_VERSION = "a100-80gb", "llama-2-70b", 2, "vllm-v0"
 def load(replicas: int) -> pd.DataFrame:
     path = VIDUR_DIR / FILES[replicas]
     if not path.exists():
-        raise SystemExit(f"{path}: not found; the Vidur benchmark data lives in ../shared/benchmarks/vidur beside "
-                         f"the repository")
+        raise SystemExit(f"{path}: not found; the Vidur benchmark data lives in the shared folder (../shared beside "
+                         f"the repository, or $PYTHIA_SHARED_DIR)")
     raw = pd.read_csv(path)
     return make_table({"request_id": raw["request_id"], "arrival_s": raw["arrived_at"],
                        "input_tokens": raw["num_prefill_tokens"], "output_tokens": raw["num_decode_tokens"]},

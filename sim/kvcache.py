@@ -43,6 +43,8 @@ from typing import Protocol
 
 import numpy as np
 
+from traces.shared import GOLDEN, splitmix64
+
 NO_HASH = -1  # CPython's hash() never returns -1, so it cannot collide with a real block hash
 
 
@@ -127,23 +129,13 @@ def _trace_aligned_hashes(ids: Sequence[int], seed: int, per: int, start: int, e
     when their ids agree up to ``t`` (but for a 2**-64 chance), and computed for a whole prompt at once."""
     n = (end - 1) // per + 1
     x = np.fromiter(map(hash, ids[:n]), np.int64, n).view(np.uint64)
-    keys = _splitmix64(np.arange(n, dtype=np.uint64) * _GOLDEN + np.uint64(seed))
-    chain = np.cumsum(_splitmix64(x ^ keys), dtype=np.uint64)
+    keys = splitmix64(np.arange(n, dtype=np.uint64) * GOLDEN + np.uint64(seed))
+    chain = np.cumsum(splitmix64(x ^ keys), dtype=np.uint64)
     j = np.arange(start, end, dtype=np.uint64)
     x = chain[j // np.uint64(per)]
-    x = _splitmix64(x + (j % np.uint64(per) + np.uint64(1)) * _GOLDEN).view(np.int64)
+    x = splitmix64(x + (j % np.uint64(per) + np.uint64(1)) * GOLDEN).view(np.int64)
     x[x == NO_HASH] = -2  # keep the sentinel free, as CPython's hash() does
     return x.tolist()
-
-
-_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer on uint64 (wrapping): a bijection that spreads nearby inputs apart."""
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
 
 
 class BlockTable:
