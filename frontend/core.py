@@ -205,7 +205,7 @@ class FrontEnd:
         rep.state = "ready"
         q = self.pending[rep.pool]
         while q and self.ready(rep.pool):
-            self._route(q.popleft())
+            self._route(self.graph.infos[q.popleft()])
 
     def retire(self, rep: Replica, state: str) -> None:
         """``rep`` leaves service ("stopped" once drained, or "dead")."""
@@ -231,11 +231,11 @@ class FrontEnd:
         self._dispatch(request_id)
 
     def _dispatch(self, request_id: int) -> None:
-        pool = self.graph.infos[request_id].pool
-        if self.ready(pool):
-            self._route(request_id)
-        elif self._can_recover(pool):
-            self.pending[pool].append(request_id)
+        info = self.graph.infos[request_id]
+        if self.ready(info.pool):
+            self._route(info)
+        elif self._can_recover(info.pool):
+            self.pending[info.pool].append(request_id)
         else:
             self._give_up(request_id)
 
@@ -244,8 +244,8 @@ class FrontEnd:
         return (self.scaler is not None or self.externally_scaled
                 or any(r.pool == pool and r.state == "starting" for r in self.replicas.values()))
 
-    def _route(self, request_id: int) -> None:
-        info, now = self.graph.infos[request_id], self.backend.now()
+    def _route(self, info: RequestInfo) -> None:
+        now, request_id = self.backend.now(), info.request_id
         ready = self.ready(info.pool)
         views = self._views[info.pool]
         for v in self._read_views:  # what the last decision read is stale now

@@ -65,6 +65,7 @@ class SimBackend:
         self._costs: dict[str, CostModel] = {}
         self._blocks: dict[str, int] = {}
         self._cold_start: dict[str, float] = {}
+        self._before_s: dict[str, float] = {}  # pool -> its API server's time before a call reaches the engine
         self.max_model_len: dict[str, int] = {}
         self._api_calls: dict[int, int] = {}  # replica -> calls in its API server (not yet or no more in the engine)
         self.shared_ids: dict[int, int] = {}  # request -> leading block ids other calls share (set by Simulation)
@@ -82,6 +83,7 @@ class SimBackend:
                                  f"term, which a simulated call cannot take back; recalibrate")
             self.max_model_len[p.name] = max_model_len(args, model, self._blocks[p.name], p.name)
             self._cold_start[p.name] = cold_start_s(cfg, p.name)
+            self._before_s[p.name] = cost.api_overhead.before_first_token_s
         need = sum(p.initial_replicas * p.tp for p in cfg.pools)
         if need > cfg.num_gpus:
             raise ValueError(f"initial replicas need {need} GPUs but the cluster has num_gpus={cfg.num_gpus}; lower "
@@ -153,7 +155,7 @@ class SimBackend:
         """The engine gets the call after the API server's ``before_first_token_s`` (HTTP, tokenization)."""
         req = SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
                          info.hash_block_size, self.shared_ids.get(info.request_id, 0))
-        before = self._costs[replica.pool].api_overhead.before_first_token_s
+        before = self._before_s[replica.pool]
         if before == 0:
             replica.handle.add_request(req)
         else:
