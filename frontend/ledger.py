@@ -153,6 +153,10 @@ class Ledger:
                            m.kv_capacity_tokens, self._outstanding_req[replica_id],
                            self._outstanding_tok[replica_id])
 
+    def outstanding(self, replica_id: int) -> tuple[int, int]:
+        """Calls routed to ``replica_id`` and not finished, and their prompt + expected output tokens."""
+        return self._outstanding_req[replica_id], self._outstanding_tok[replica_id]
+
     def snapshot(self, now: float, interval_s: float, replicas: list[ReplicaView], pending: dict[str, int],
                  gpus_per_replica: dict[str, int], total_gpus: int, free_gpus: int) -> ClusterObservation:
         """The controller's observation of the interval so far (reading it changes nothing)."""

@@ -68,7 +68,8 @@ class SimBackend:
         self._before_s: dict[str, float] = {}  # pool -> its API server's time before a call reaches the engine
         self.max_model_len: dict[str, int] = {}
         self._api_calls: dict[int, int] = {}  # replica -> calls in its API server (not yet or no more in the engine)
-        self.shared_ids: dict[int, int] = {}  # request -> leading block ids other calls share (set by Simulation)
+        # request -> leading block ids other calls share (set by Simulation; a call missing: maybe all of them)
+        self.shared_ids: dict[int, int] = {}
         args = cfg.engine
         for p in cfg.pools:
             model = load_model(p.model)
@@ -154,7 +155,7 @@ class SimBackend:
     def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
         """The engine gets the call after the API server's ``before_first_token_s`` (HTTP, tokenization)."""
         req = SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
-                         info.hash_block_size, self.shared_ids.get(info.request_id, 0))
+                         info.hash_block_size, self.shared_ids.get(info.request_id))
         before = self._before_s[replica.pool]
         if before == 0:
             replica.handle.add_request(req)
