@@ -6,12 +6,14 @@
    1,048,576 calls over about 4.4 simulated hours, on 64 replicas of Llama-2-70B (tp 2, A100-80GB) with Vidur's
    engine settings (``benchmarks/vidur_compare.py``), round-robin. Prints the wall time of ``simulate()``
    (set-up, run and result tables), calls per wall-second, and the process's peak memory.
-2. Mooncake conversation (12,031 calls, prompts of 12K tokens on average that share prefixes: the case where
-   KV-cache bookkeeping costs the most) on 8 A100-40GB replicas of Llama-3.1-8B; then its first ``--compare-n``
-   calls with step coalescing on and off side by side (identical results asserted).
+2. Mooncake conversation (12,031 calls, prompts of 12K tokens on average) on 8 A100-40GB replicas of
+   Llama-3.1-8B; then its first ``--compare-n`` calls with step coalescing on and off side by side (identical
+   results asserted).
+3. An agent workload whose prompts share long prefixes (``coding-assistant``, 1 job/s for 300 s, seed 3) on the
+   same cluster with the Pythia router: the case where KV-cache bookkeeping, block by block, costs the most.
 
-    python benchmarks/sim_speed.py                 # both (a few minutes on one core)
-    python benchmarks/sim_speed.py --copies 1      # 262,144 calls only
+    python benchmarks/sim_speed.py                 # all three (a few minutes on one core)
+    python benchmarks/sim_speed.py --copies 1      # 262,144 calls in the first part
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from policies.registry import make_router
 from sim.cluster import ClusterConfig, PoolConfig, simulate
 from traces.loaders import load_trace
 from traces.schema import make_table
+from traces.workflow import make_workload
 
 
 def million(copies: int) -> None:
@@ -54,28 +57,39 @@ def million(copies: int) -> None:
           f"{len(res.timeseries):,} time-series rows")
 
 
-def run(table: pd.DataFrame, coalesce: bool) -> tuple[float, pd.DataFrame]:
+def run(table: pd.DataFrame, coalesce: bool = True, router: str = "round_robin") -> tuple[float, float, pd.DataFrame]:
+    """Wall and CPU seconds of ``simulate()`` on 8 x Llama-3.1-8B A100-40GB, and the per-call results."""
     cfg = ClusterConfig(num_gpus=8, pools=(PoolConfig(initial_replicas=8),), coalesce_steps=coalesce)
-    t0 = time.perf_counter()
-    res = simulate(table, cfg, make_router("round_robin"))
-    wall = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = simulate(table, cfg, make_router(router))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert (res.requests["status"] == "ok").all()
-    return wall, res.requests
+    return wall, cpu, res.requests
 
 
 def mooncake(compare_n: int) -> None:
     table = load_trace("mooncake-conversation")
     print(f"== Mooncake conversation: {len(table):,} calls, {int(table['input_tokens'].mean()):,} prompt tokens on "
           f"average, 8 x Llama-3.1-8B A100-40GB, round-robin ==")
-    wall, r = run(table, True)
+    wall, cpu, r = run(table)
     hit = r["cached_tokens"].sum() / r["input_tokens"].sum()
-    print(f"whole trace: {wall:.1f} s wall = {len(table) / wall:,.0f} calls/s (prefix hit {hit:.1%}, "
-          f"{int(r['num_preemptions'].sum()):,} preemptions)")
+    print(f"whole trace: {wall:.1f} s wall ({cpu:.1f} s CPU) = {len(table) / wall:,.0f} calls/s (prefix hit "
+          f"{hit:.1%}, {int(r['num_preemptions'].sum()):,} preemptions)")
     head = table.head(compare_n)
-    on, res_on = run(head, True)
-    off, res_off = run(head, False)
+    on, on_cpu, res_on = run(head, True)
+    off, off_cpu, res_off = run(head, False)
     pd.testing.assert_frame_equal(res_on, res_off, check_exact=True)
-    print(f"first {compare_n:,} calls: coalescing on {on:.1f} s, off {off:.1f} s: {off / on:.1f}x, identical results")
+    print(f"first {compare_n:,} calls: coalescing on {on:.1f} s, off {off:.1f} s wall: {off / on:.1f}x "
+          f"({off_cpu / on_cpu:.1f}x CPU), identical results")
+
+
+def agents() -> None:
+    table = make_workload("coding-assistant", rate=1.0, duration_s=300, seed=3)
+    print(f"== coding-assistant, 1 job/s for 300 s: {len(table):,} calls, {int(table['input_tokens'].mean()):,} "
+          f"prompt tokens on average, 8 x Llama-3.1-8B A100-40GB, Pythia router ==")
+    wall, cpu, r = run(table, router="pythia")
+    hit = r["cached_tokens"].sum() / r["input_tokens"].sum()
+    print(f"{wall:.1f} s wall ({cpu:.1f} s CPU) = {len(table) / wall:,.0f} calls/s (prefix hit {hit:.1%})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     million(args.copies)
     if not args.skip_mooncake:
         mooncake(args.compare_n)
+    agents()
 
 
 if __name__ == "__main__":

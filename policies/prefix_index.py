@@ -36,6 +36,7 @@ class PrefixIndex:
         self._tenants: list[int] = [0]
         self._free: list[int] = []  # ids of pruned nodes, for reuse
         self._lru: dict[int, OrderedDict[int, None]] = {}  # tenant -> its nodes, least recent first
+        self._walked: tuple[Sequence[int], list[int]] | None = None  # match()'s prompt and path, until the trie changes
 
     def _path(self, blocks: Sequence[int]) -> list[int]:
         """Nodes of the longest run of ``blocks`` in the trie, from the root's child down."""
@@ -49,7 +50,9 @@ class PrefixIndex:
 
     def match(self, blocks: Sequence[int], replica_ids: Iterable[int]) -> dict[int, int]:
         """Number of leading ``blocks`` held by each of ``replica_ids`` (0 for replicas holding none)."""
-        masks = [self._tenants[n] for n in self._path(blocks)]
+        path = self._path(blocks)
+        self._walked = (blocks, path)  # a router records the prompt it just matched: insert() reuses the walk
+        masks = [self._tenants[n] for n in path]
         out: dict[int, int] = {}
         for r in replica_ids:
             # Tenant sets shrink along a path, so the deepest node holding r is found by bisection.
@@ -68,7 +71,9 @@ class PrefixIndex:
         if capacity_blocks < 0:
             raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         lru = self._lru.setdefault(replica_id, OrderedDict())
-        path = self._path(blocks)
+        walked, self._walked = self._walked, None
+        same = walked is not None and walked[0] is blocks and type(blocks) is tuple  # a list may have changed
+        path = list(walked[1]) if same else self._path(blocks)  # type: ignore[index]
         for b in blocks[len(path):]:
             path.append(self._new_node(b, path[-1] if path else ROOT))
         tenants, bit = self._tenants, 1 << replica_id
@@ -90,6 +95,7 @@ class PrefixIndex:
     def retain(self, replica_ids: Iterable[int]) -> None:
         """Forget every replica not in ``replica_ids``: one that left the pool took its cache with it."""
         keep = set(replica_ids)
+        self._walked = None
         for r in [r for r in self._lru if r not in keep]:
             for n in self._lru.pop(r):
                 self._remove_tenant(n, r)
