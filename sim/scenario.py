@@ -6,18 +6,24 @@ router + scaler, with vLLM engine arguments. ``simulate_scenario`` runs it; ``py
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from frontend.checks import check_choice, check_int, check_optional_float
 from frontend.engine_args import EngineArgs
 from frontend.metrics import summarize
 from frontend.results import Results
-from policies.registry import make_router, make_scaler
-from policies.systems import make_system, system
-from sim.cluster import ClusterConfig, PoolConfig, simulate
+from policies.registry import ROUTERS, SCALERS, make_router, make_scaler
+from policies.systems import SYSTEMS, make_system, system
+from sim.cluster import MAX_GPUS, ClusterConfig, PoolConfig, simulate
+from sim.hardware import get_gpu
+from sim.models import load_model
 from traces.loaders import TRACES
-from traces.workflow import make_workload
+from traces.workflow import WORKFLOWS, make_workload
+
+MAX_SEED = 2**32 - 1  # numpy's seeds, as experiments.run takes them
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,34 @@ class Scenario:
     workload_options: dict = field(default_factory=dict)  # further make_workload keywords (traces: window_s, ...)
 
     def __post_init__(self) -> None:
+        check_workload(self.workload)
+        check_optional_float("Scenario.rate", self.rate, 0.0, open_low=True)
+        check_optional_float("Scenario.duration_s", self.duration_s, 0.0, open_low=True)
+        check_optional_float("Scenario.slo_s", self.slo_s, 0.0, open_low=True)
+        check_int("Scenario.seed", self.seed, 0, MAX_SEED)
+        check_int("Scenario.tp", self.tp, 1, MAX_GPUS)
+        check_int("Scenario.gpus", self.gpus, 1, MAX_GPUS)
+        if self.replicas is not None:
+            check_int("Scenario.replicas", self.replicas, 0, MAX_GPUS)
+        get_gpu(self.gpu)
+        load_model(self.model).check_tp(self.tp)
+        for kind, name, known in (("system", self.system, SYSTEMS), ("router", self.router, ROUTERS),
+                                  ("scaler", self.scaler, SCALERS)):
+            if name is not None:
+                check_choice(f"Scenario.{kind}", name, known)
+        if not isinstance(self.workload_options, dict):
+            raise ValueError(f"Scenario.workload_options={self.workload_options!r} must be a dict of make_workload "
+                             "keywords")
         if (self.system is None) == (self.router is None):
             raise ValueError(f"Scenario: give exactly one of system (got {self.system!r}) or router (got "
                              f"{self.router!r})")
         if self.system is not None and self.scaler is not None:
             raise ValueError(f"Scenario: system {self.system!r} brings its own scaler; scaler={self.scaler!r} "
                              "goes with router=")
+
+        if self.tp > self.gpus:
+            raise ValueError(f"Scenario: one replica needs tp={self.tp} GPUs but the cluster has gpus={self.gpus}")
+        self.cluster()  # the cluster's own checks (GPU, engine version, replicas that fit the GPUs)
 
     def cluster(self) -> ClusterConfig:
         """The simulated cluster: ``gpus`` GPUs of kind ``gpu``, one pool of ``model`` replicas on ``tp`` GPUs."""
@@ -70,6 +98,15 @@ class Scenario:
 
     def with_(self, **changes: object) -> Scenario:
         return replace(self, **changes)
+
+
+def check_workload(workload: object) -> None:
+    """A shipped workflow, a shared trace, or a workflow.yaml that exists."""
+    if not isinstance(workload, str) or not workload:
+        raise ValueError(f"Scenario.workload={workload!r} must be a workflow or trace name, or a workflow.yaml path")
+    if workload not in WORKFLOWS and workload not in TRACES and not Path(workload).is_file():
+        raise ValueError(f"Scenario.workload={workload!r} is not a shipped workflow ({', '.join(WORKFLOWS)}), not a "
+                         f"shared trace ({', '.join(TRACES)}) and no such file")
 
 
 def simulate_scenario(s: Scenario, *, progress: bool = False) -> Results:

@@ -16,7 +16,7 @@ gym = pytest.importorskip("gymnasium", reason="the RL tests need the 'rl' extra:
 pytest.importorskip("stable_baselines3", reason="the RL tests need the 'rl' extra: pip install -e '.[rl]'")
 from gymnasium.utils.env_checker import check_env
 
-from policies.api import ClusterObservation, PoolObservation, ReplicaView
+from policies.api import ClusterObservation, PoolObservation, ReplicaView, ScaleAction
 from policies.registry import make_router, make_scaler
 from policies.rl import (
     DEFAULT_CHECKPOINT,
@@ -151,10 +151,30 @@ def test_the_reward_is_relative_to_the_baseline_run_on_the_same_episode() -> Non
     assert total == pytest.approx(trim["reward"] - heuristic["reward"]) and total != 0.0
 
 
+class _Ramp:
+    """One replica more every interval (never fewer, so every replica it names holds its GPUs at once)."""
+
+    def __init__(self, first: int):
+        self.next = first
+
+    def decide(self, obs: ClusterObservation) -> ScaleAction:
+        self.next += 1
+        return ScaleAction({"default": self.next - 1})
+
+
 def test_rollout_plays_a_heuristic_scaler() -> None:
-    env = ScalingEnv(SMALL)
-    r = rollout(env, 0, make_scaler("pythia"))
-    assert r["steps"] > 0 and r["gpu_seconds"] > 0
+    """Every interval to the episode's end, the scaler decides, its targets are applied and the env's own (absolute)
+    numbers are summed: a scaler adding a replica per interval holds exactly 2 + 3 + ... + 8 GPUs x the interval."""
+    cfg = replace(SMALL, initial_replicas=(2, 2))
+    env = ScalingEnv(cfg)
+    dt = cfg.cluster.control_interval_s
+    steps = int(cfg.episode_s / dt) - 1  # the first interval runs in reset()
+    r = rollout(env, 0, _Ramp(2))
+    assert r["steps"] == steps == 7
+    assert r["gpu_seconds"] == dt * sum(range(2, 2 + steps))  # 8 GPUs: the last interval holds all of them
+    assert r["reward"] == pytest.approx(-(cfg.w_slo * r["slo_violations"] + cfg.w_gpu * r["gpu_seconds"]))
+    heuristic = rollout(env, 0, make_scaler("pythia"))
+    assert heuristic == rollout(env, 0, make_scaler("pythia")) and heuristic["steps"] == steps
 
 
 # --- encoder and action mapping ------------------------------------------------------------------
