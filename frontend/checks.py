@@ -52,7 +52,7 @@ def check_bool(where: str, value: object) -> None:
 
 def check_choice(where: str, value: object, allowed: Collection[object]) -> None:
     if value not in allowed:
-        raise ValueError(f"{where}={value!r}; allowed: {', '.join(map(str, allowed))}")
+        raise ValueError(f"{where}={value!r} must be one of {', '.join(map(str, allowed))}")
 
 
 def check_name(where: str, value: object) -> None:

@@ -58,7 +58,9 @@ class Scenario:
         check_int("Scenario.gpus", self.gpus, 1, MAX_GPUS)
         if self.replicas is not None:
             check_int("Scenario.replicas", self.replicas, 0, MAX_GPUS)
-        get_gpu(self.gpu)
+        gpu = get_gpu(self.gpu)
+        if self.engine_version is not None:
+            check_choice(f"Scenario.engine_version (on {self.gpu})", self.engine_version, gpu.engines)
         load_model(self.model).check_tp(self.tp)
         for kind, name, known in (("system", self.system, SYSTEMS), ("router", self.router, ROUTERS),
                                   ("scaler", self.scaler, SCALERS)):
@@ -73,25 +75,37 @@ class Scenario:
         if self.system is not None and self.scaler is not None:
             raise ValueError(f"Scenario: system {self.system!r} brings its own scaler; scaler={self.scaler!r} "
                              "goes with router=")
-
         if self.tp > self.gpus:
-            raise ValueError(f"Scenario: one replica needs tp={self.tp} GPUs but the cluster has gpus={self.gpus}")
-        self.cluster()  # the cluster's own checks (GPU, engine version, replicas that fit the GPUs)
+            raise ValueError(f"Scenario.tp={self.tp}: one replica needs {self.tp} GPUs but the cluster has "
+                             f"gpus={self.gpus}")
+        n = self.initial_replicas()
+        if n * self.tp > self.gpus:
+            raise ValueError(f"Scenario.replicas={n}: {n} replicas of tp={self.tp} need {n * self.tp} GPUs but the "
+                             f"cluster has gpus={self.gpus}; lower replicas or raise gpus")
+        self.cluster()  # the cluster's own checks (engine version on this GPU)
+
+    def initial_replicas(self) -> int:
+        """``replicas``, else the system's own choice, else one replica per ``tp`` GPUs."""
+        own = system(self.system).initial_replicas if self.system is not None else None
+        n = self.replicas if self.replicas is not None else own
+        return self.gpus // self.tp if n is None else n
 
     def cluster(self) -> ClusterConfig:
         """The simulated cluster: ``gpus`` GPUs of kind ``gpu``, one pool of ``model`` replicas on ``tp`` GPUs."""
-        if self.system is not None and self.replicas is None:
-            own = system(self.system).initial_replicas
-            replicas = self.gpus // self.tp if own is None else own
-        else:
-            replicas = self.gpus // self.tp if self.replicas is None else self.replicas
-        return ClusterConfig(gpu=self.gpu, num_gpus=self.gpus,
-                             pools=(PoolConfig(model=self.model, tp=self.tp, initial_replicas=replicas),),
-                             engine=self.engine, engine_version=self.engine_version)
+        pool = PoolConfig(model=self.model, tp=self.tp, initial_replicas=self.initial_replicas())
+        return ClusterConfig(gpu=self.gpu, num_gpus=self.gpus, pools=(pool,), engine=self.engine,
+                             engine_version=self.engine_version)
+
+    def window(self) -> int:
+        """The context window every call must fit: ``engine.max_model_len``, else the model's."""
+        return self.engine.max_model_len or load_model(self.model).max_position_embeddings
 
     def table(self) -> pd.DataFrame:
+        """The workload; agent conversations are compacted at the served window (as their harness would), unless
+        ``workload_options`` names another ``context_limit_tokens``."""
+        options = {"context_limit_tokens": self.window(), **self.workload_options}
         t = make_workload(self.workload, rate=self.rate, duration_s=self.duration_s if self.workload not in TRACES
-                          else None, seed=self.seed, **self.workload_options)
+                          else None, seed=self.seed, **options)
         if self.slo_s is not None:
             t = t.assign(slo_s=np.full(len(t), float(self.slo_s)))
         return t
@@ -109,14 +123,15 @@ def check_workload(workload: object) -> None:
                          f"shared trace ({', '.join(TRACES)}) and no such file")
 
 
-def simulate_scenario(s: Scenario, *, progress: bool = False) -> Results:
-    """Run the scenario in the simulator (fresh policy objects every time)."""
+def simulate_scenario(s: Scenario, *, progress: bool = False, table: pd.DataFrame | None = None) -> Results:
+    """Run the scenario in the simulator (fresh policy objects every time). ``table``: its workload, when already
+    built (``s.table()``, e.g. once for several systems on the same workload)."""
     if s.system is not None:
         p = make_system(s.system)
         router, scaler = p.router, p.scaler
     else:
         router, scaler = make_router(s.router), make_scaler(s.scaler) if s.scaler else None
-    return simulate(s.table(), s.cluster(), router, scaler, progress=progress)
+    return simulate(s.table() if table is None else table, s.cluster(), router, scaler, progress=progress)
 
 
 def summarize_scenario(s: Scenario) -> dict:

@@ -277,7 +277,8 @@ def write(wf: Workflow, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--trace", default="claude-code-v8", help="agent-session trace to fit")
     parser.add_argument("--out", type=Path, default=WORKFLOWS_DIR, help="folder for the workflow YAMLs")
     parser.add_argument("--show", action="store_true", help="print the fitted shapes instead of writing workflows")

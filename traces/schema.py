@@ -109,7 +109,7 @@ def _as_int(values: np.ndarray, col: str) -> np.ndarray:
         bad = np.fromiter((not _fits_int64(v) for v in arr), bool, len(arr))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"row {i}: {col}={arr[i]!r} is not an integer in [-2^63, 2^63)")
+        raise ValueError(f"row {i}: {col}={arr[i]} is not an integer in [-2^63, 2^63)")
     return np.asarray([int(v) for v in arr] if arr.dtype.kind == "O" else arr, dtype=np.int64)
 
 

@@ -76,7 +76,8 @@ class _Dist(BaseModel):
         fields = [*self._SIZES, *(k for k in ("min", "max") if getattr(self, k) is not None)]
         out = self.model_copy(update={k: _times(getattr(self, k), factor) for k in fields})
         if at_least is not None and out.bounds()[0] < at_least:
-            out = out.model_copy(update={"min": at_least})
+            raise_max = out.max is not None and out.max < at_least
+            out = out.model_copy(update={"min": at_least, **({"max": at_least} if raise_max else {})})
         return out
 
     def expected(self) -> float:
