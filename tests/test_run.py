@@ -119,3 +119,14 @@ def test_every_command_line_help_shows_its_defaults(command) -> None:
             blocks[-1] += line
     options = [b for b in blocks if "--help" not in b]
     assert options and all("default" in b for b in options), [b for b in options if "default" not in b]
+
+
+def test_the_documented_workflow_example_loads_and_runs(tmp_path, capsys) -> None:
+    """notes/whatif-readme.md's workflow.yaml example (the format's reference) is a valid workflow."""
+    text = (ROOT / "notes" / "whatif-readme.md").read_text()
+    yaml_text = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    path = tmp_path / "my-agents.yaml"
+    path.write_text(yaml_text)
+    assert main(["--workload", str(path), "--rate", "0.5", "--duration", "20", "--gpus", "2", "--router",
+                 "cache_aware", "--router", "round_robin", "--scaler", "hpa"]) == 0
+    assert "run " in capsys.readouterr().out
