@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.output import Context, check_out_dir, provenance, staging_dir, write_output
+from experiments.output import Context, check_out_dir, provenance, write_output
 from experiments.registry import EXPERIMENTS
+from frontend.files import staging_dir
 
 EXTRAS = {"rl": ("stable_baselines3", "stable-baselines3 and torch: pip install -e '.[rl]'"),
           "vllm": ("vllm", "real vLLM: pip install -e '.[real]', then uninstall torchvision torchaudio torchcodec "

@@ -8,6 +8,7 @@ backends cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from frontend.checks import check_bool, check_choice, check_float, check_int
@@ -56,3 +57,28 @@ class EngineArgs:
         if self.kv_cache_dtype != "auto":
             args += ["--kv-cache-dtype", self.kv_cache_dtype]
         return args
+
+
+# The engine arguments a command line exposes, as vLLM's flags (``--block-size`` ...): type and help.
+FLAGS: dict[str, tuple[type, str]] = {
+    "max_num_seqs": (int, "requests in the running batch at most"),
+    "max_num_batched_tokens": (int, "tokens computed in one step at most"),
+    "block_size": (int, "tokens per KV block"),
+    "gpu_memory_utilization": (float, "share of each GPU's memory the engine may use"),
+    "max_model_len": (int, "longest prompt + output of a call (default: the model's context window)"),
+    "kv_cache_dtype": (str, "KV cache precision: auto (the model's dtype) or fp8"),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] = tuple(FLAGS)) -> None:
+    """Add vLLM's flags for ``names`` (keys of FLAGS), with EngineArgs' defaults."""
+    defaults = EngineArgs()
+    for name in names:
+        kind, text = FLAGS[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text,
+                            **({"choices": KV_CACHE_DTYPES} if name == "kv_cache_dtype" else {}))
+
+
+def from_flags(args: argparse.Namespace, names: tuple[str, ...] = tuple(FLAGS)) -> EngineArgs:
+    """The EngineArgs the parsed flags ``names`` name (the others keep their defaults)."""
+    return EngineArgs(**{name: getattr(args, name) for name in names})

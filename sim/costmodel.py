@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from frontend.engine_args import EngineArgs
+from frontend.engine_args import add_flags, from_flags
 from sim.hardware import DEFAULT_GPU, GPU, ApiOverhead, EngineCalibration, get_gpu
 from sim.models import Model, load_model, num_gpu_blocks
 
@@ -425,14 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefill-cached", type=int, default=0, help="tokens of that prompt already in the KV cache")
     parser.add_argument("--decode-batch", type=int, default=0, help="decoding sequences in the step")
     parser.add_argument("--context", type=int, default=0, help="context length of each decoding sequence")
-    defaults = EngineArgs()
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
-                        help="share of each GPU's memory the engine may use")
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="running batch at most")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
-                        help="tokens in one step at most")
-    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, help="auto (the model's dtype) or fp8")
+    flags = ("block_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype")
+    add_flags(parser, flags)
     args = parser.parse_args(argv)
     for name in ("prefill", "prefill_cached", "decode_batch", "context"):
         if getattr(args, name) < 0:
@@ -444,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_dtype=args.kv_cache_dtype)
     try:
-        EngineArgs(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization, **engine_args)
+        from_flags(args, flags)
         cm = make_cost_model(args.gpu, args.model, args.tp, args.engine, **engine_args)
     except ValueError as e:
         parser.error(str(e))

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import asdict, fields
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 
-from frontend.engine_args import KV_CACHE_DTYPES, EngineArgs
+from frontend.engine_args import EngineArgs, add_flags, from_flags
+from frontend.files import check_writable, move_all, package_version, staging_dir
 from frontend.metrics import summarize
 from frontend.results import Results
 from policies.registry import ROUTERS, SCALERS
@@ -45,8 +43,6 @@ DEFAULT = Scenario(system="pythia")  # the defaults of every flag
 TABLES = ("requests", "jobs", "timeseries", "cluster", "failures")
 # Scenario / EngineArgs fields whose flag is not the field's name with dashes
 FLAGS = {"duration_s": "--duration", "slo_s": "--slo"}
-ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_memory_utilization", "max_model_len",
-                "kv_cache_dtype")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -70,7 +66,7 @@ def _known() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    d, e = DEFAULT, DEFAULT.engine
+    d = DEFAULT
     ap = argparse.ArgumentParser(prog="python -m sim.run", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                  formatter_class=_Formatter, epilog=_known())
     w = ap.add_argument_group("workload")
@@ -95,16 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                   f"(default: {DEFAULT.system} when no --router)")
     s.add_argument("--router", action="append", help="a router on its own (see below); repeatable (default: none)")
     s.add_argument("--scaler", help="the scaler of every --router (default: none, fixed replicas)")
-    g = ap.add_argument_group("vLLM engine arguments")
-    g.add_argument("--max-num-seqs", type=int, default=e.max_num_seqs, help="requests in the running batch at most")
-    g.add_argument("--max-num-batched-tokens", type=int, default=e.max_num_batched_tokens,
-                   help="tokens computed in one step at most")
-    g.add_argument("--block-size", type=int, default=e.block_size, help="tokens per KV block")
-    g.add_argument("--gpu-memory-utilization", type=float, default=e.gpu_memory_utilization,
-                   help="share of each GPU's memory the engine may use")
-    g.add_argument("--max-model-len", type=int, help="longest prompt + output of a call (default: the model's "
-                                                     "context window); agent workloads are compacted to fit it")
-    g.add_argument("--kv-cache-dtype", default=e.kv_cache_dtype, choices=KV_CACHE_DTYPES, help="KV cache precision")
+    add_flags(ap.add_argument_group("vLLM engine arguments (agent workloads are compacted to fit --max-model-len)"))
     o = ap.add_argument_group("output")
     o.add_argument("--out", type=Path, help="write the tables as Parquet into this folder (default: print only)")
     o.add_argument("--progress", action="store_true", help="show a progress bar per run")
@@ -113,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def scenarios(args: argparse.Namespace) -> dict[str, Scenario]:
     """One scenario per system or router, by the name its column gets."""
-    engine = EngineArgs(**{k: getattr(args, k) for k in ENGINE_FLAGS})
+    engine = from_flags(args)
     if args.duration is not None and args.workload in TRACES:
         raise ValueError(f"--duration applies to workflows; the trace '{args.workload}' has its own length")
     if args.scaler is not None and not args.router:
@@ -160,38 +147,18 @@ def describe(s: Scenario, table: pd.DataFrame) -> str:
 
 
 def write_tables(out: Path, runs: dict[str, Results], summary: pd.DataFrame, about: dict) -> list[Path]:
-    """Every table into a staging folder inside ``out``, then each moved into place; returns the paths written."""
-    stage = Path(tempfile.mkdtemp(prefix=".sim-run.", dir=out))
+    """Every table of every run, the summary and the provenance, written as one set (``frontend.files``)."""
+    stage = staging_dir(out, "sim-run")
     try:
         for name, res in runs.items():
             for t in TABLES:
                 getattr(res, t).to_parquet(stage / f"{name}.{t}.parquet", index=False)
         summary.reset_index().to_parquet(stage / "summary.parquet", index=False)
         (stage / "meta.json").write_text(json.dumps(about, indent=1, default=str) + "\n")
-        written = []
-        for path in sorted(stage.iterdir()):
-            os.replace(path, out / path.name)
-            written.append(out / path.name)
-        return written
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def check_out(out: Path) -> None:
-    """Refuse an output folder that cannot be written, before any simulation."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pythia-sim")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        raise
+    return move_all(stage, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = scenarios(args)
         if args.out is not None:
-            check_out(args.out)
+            check_writable(args.out)
         first = next(iter(runs.values()))
         table = first.table()
         print(describe(first, table))
@@ -218,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if args.out is not None:
         about = {"command": " ".join([Path(sys.executable).name, "-m", "sim.run", *argv]),
-                 "seed": args.seed, "version": _version(), "scenarios": {n: asdict(s) for n, s in runs.items()}}
+                 "seed": args.seed, "version": package_version(), "scenarios": {n: asdict(s) for n, s in runs.items()}}
         written = write_tables(args.out, results, summary, about)
         print(f"wrote {len(written)} files to {args.out}")
     return 0
