@@ -70,6 +70,8 @@ class ClusterConfig:
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"ClusterConfig.pools: pool name(s) {twice} appear twice; give each pool its own name")
+        if not isinstance(self.agent_pools, dict):
+            raise ValueError(f"ClusterConfig.agent_pools={self.agent_pools!r} must be a dict of agent -> pool name")
         unknown = sorted({p for p in self.agent_pools.values() if p not in names})
         if unknown:
             raise ValueError(f"ClusterConfig.agent_pools maps agents to pool(s) {unknown}; the pools are {names}")
