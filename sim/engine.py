@@ -85,7 +85,6 @@ class SimRequest:
     priority: int = 0  # vLLM's request priority (scheduling_policy "priority": lower first, ties by arrival)
     predicted_output: int = -1  # the front end's output-length hint (admission_policy "predicted"); -1: unknown
     agent: str = ""  # whose KV quota its blocks count against (EngineArgs.kv_quotas, Engine.set_quotas)
-    program: int = -1  # its program (job): admitting it ends the program's pin on this engine (Engine.pin)
 
 
 @dataclass
@@ -200,9 +199,9 @@ class _PriorityWaiting:
 
 @dataclass(slots=True)
 class _Pin:
-    """Blocks of a finished call's prompt held for its program until ``expiry_s`` (``Engine.pin``)."""
+    """Blocks of a finished call's prompt held until ``expiry_s`` (``Engine.pin``), known by its last block."""
 
-    program: int
+    tail: int
     table: BlockTable
     start_s: float
     expiry_s: float
@@ -248,10 +247,10 @@ class Engine:
         self._quotas: dict[str, int] = {}  # agent -> KV blocks its running requests may hold
         self._choose_victims = False  # preemption victims by priority or quota, not simply the newest
         self.set_quotas(args.kv_quotas or {})
-        self._pins: dict[int, _Pin] = {}  # program -> its pin, oldest first
+        self._pins: dict[int, _Pin] = {}  # last pinned block -> its pin, oldest first
         self._commands: list[Callable[[], None]] = []  # changes to the KV cache that wait for the next step boundary
         self.pinned_block_s = 0.0  # pinned blocks x seconds held, of the pins released so far
-        self.pinned_hit_tokens = 0  # prompt tokens that hit blocks a pin held when the program's next call came
+        self.pinned_hit_tokens = 0  # prompt tokens of continuations that hit blocks a pin held
         self.pins = {"pinned": 0, "used": 0, "expired": 0, "yielded": 0}  # pins made, and how each one ended
 
     # --- metrics --------------------------------------------------------------------------------
@@ -316,22 +315,19 @@ class Engine:
         self._quotas = {agent: int(share * self.kv.num_usable_blocks) for agent, share in shares.items()}
         self._choose_victims = self.args.scheduling_policy == "priority" or bool(self._quotas)
 
-    def pin(self, program: int, req: SimRequest, ttl_s: float) -> None:
-        """Continuum's retention: hold the cached blocks of ``req``'s prompt (a call of ``program`` that just ended)
-        for ``ttl_s`` seconds, so the program's next call finds them after its tool call. Pinned blocks are not
-        evicted and count as used. A pin ends when the program's next call is admitted here, when it expires, or
-        when a running request would otherwise be preempted (or nothing runs and the waiting head cannot fit):
-        then the newest pin yields first. It takes hold at the next step boundary (at once when idle), where
-        vLLM's engine loop would apply it."""
+    def pin(self, req: SimRequest, ttl_s: float) -> None:
+        """Continuum's retention: hold the cached blocks of ``req``'s prompt (a call that just ended) for ``ttl_s``
+        seconds, so its continuation finds them after the tool call. Pinned blocks are not evicted and count as
+        used. A pin ends when a request whose cache hit covers all of it (the continuation) is admitted, when it
+        expires, or under memory pressure: the newest pin yields before a running request is preempted, or when
+        nothing runs and the waiting head cannot fit. Pinning the same blocks again renews the pin. It takes hold
+        at the next step boundary (at once when idle), where vLLM's engine loop would apply it."""
         if self._boundary is None:
-            self._pin_now(program, req, ttl_s)
+            self._pin_now(req, ttl_s)
         else:
-            self._commands.append(lambda: self._pin_now(program, req, ttl_s))
+            self._commands.append(lambda: self._pin_now(req, ttl_s))
 
-    def _pin_now(self, program: int, req: SimRequest, ttl_s: float) -> None:
-        old = self._pins.get(program)
-        if old is not None:
-            self._unpin(old, "expired")  # replaced by the newer call's
+    def _pin_now(self, req: SimRequest, ttl_s: float) -> None:
         s = _Seq(req, self.env.now, self.block_size, self.args.enable_prefix_caching)
         if not s.num_shareable:
             return
@@ -339,25 +335,28 @@ class Engine:
         hit = self.kv.find_longest_cache_hit(s.hashes[:s.num_shareable], s.num_shareable * self.block_size)
         if not hit:
             return
+        old = self._pins.get(hit[-1])
+        if old is not None:
+            self._unpin(old, "expired")  # renewed below
         table = BlockTable()
         self.kv.allocate_slots(table, len(hit) * self.block_size, hit)  # hits only: always fits
         now = self.env.now
-        pin = self._pins[program] = _Pin(program, table, now, now + ttl_s)
+        pin = self._pins[hit[-1]] = _Pin(hit[-1], table, now, now + ttl_s)
         self.pins["pinned"] += 1
         self.env.timeout(ttl_s).callbacks.append(lambda _: self._expire(pin))
 
     def _expire(self, pin: _Pin) -> None:
-        if self._pins.get(pin.program) is not pin:
+        if self._pins.get(pin.tail) is not pin:
             return  # ended before its time
         if self._boundary is None:
             self._unpin(pin, "expired")
             return
-        self._commands.append(lambda: self._pins.get(pin.program) is pin and self._unpin(pin, "expired"))
+        self._commands.append(lambda: self._pins.get(pin.tail) is pin and self._unpin(pin, "expired"))
         if self.waiting:  # the freed blocks may admit someone: step boundary now
             self._wake()
 
     def _unpin(self, pin: _Pin, why: str) -> None:
-        del self._pins[pin.program]
+        del self._pins[pin.tail]
         self.pinned_block_s += pin.table.num_blocks * (self.env.now - pin.start_s)
         self.pins[why] += 1
         self.kv.free_blocks(pin.table)
@@ -365,12 +364,14 @@ class Engine:
     def _unpin_newest(self) -> None:
         self._unpin(next(reversed(self._pins.values())), "yielded")
 
-    def _pin_used(self, s: _Seq, hit: Sequence[int]) -> None:
-        """``s`` of a pinned program was admitted: count the hits its pin kept, and end the pin (``s`` holds them)."""
-        pin = self._pins[s.req.program]
-        held = set(pin.table.cached)
-        self.pinned_hit_tokens += sum(b in held for b in hit) * self.block_size
-        self._unpin(pin, "used")
+    def _pins_used(self, hit: Sequence[int]) -> None:
+        """A request that hit ``hit`` was admitted (it holds those blocks now): the pins it covers did their job."""
+        pins = self._pins
+        for b in hit:
+            pin = pins.get(b)
+            if pin is not None:
+                self.pinned_hit_tokens += pin.table.num_blocks * self.block_size
+                self._unpin(pin, "used")
 
     def pinned_block_seconds(self) -> float:
         """Pinned blocks x seconds, up to now (pins still held included)."""
@@ -535,8 +536,8 @@ class Engine:
             waiting.popleft()
             if self._predicted:
                 reserve += max(0, -(-self._predicted_tokens(s) // bs) - s.table.num_blocks)
-            if s.req.program in self._pins:
-                self._pin_used(s, hit)
+            if self._pins and hit:
+                self._pins_used(hit)
             self._order += 1
             s.order = self._order
             running.append(s)
