@@ -3,16 +3,19 @@
 A registry maps a name to a factory whose keyword arguments are the policy's configuration; there is one per role
 of a system (``REGISTRIES``). The contracts (``policies.api``) import none of their implementations; this module
 imports them all, so filling a registry needs no import side effect. The RL scaler's factory imports
-``policies.rl`` (and, when a checkpoint is loaded, stable-baselines3) only when one is made. Predictors and
-prefetchers (the profiler of issue 16) have no entry yet; a front end takes any object through ``Hooks``.
+``policies.rl`` (and, when a checkpoint is loaded, stable-baselines3) only when one is made. ``pythia`` names the
+standalone heuristics (``PythiaRouter``, ``PythiaScaler``); ``pythia-profiled`` the profiler-driven Pythia, one
+object in every role (``policies.systems.pythia_system``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from policies import autellix, continuum, routers, scalers, thunderagent
+from policies import autellix, continuum, pythia, routers, scalers, thunderagent
 from policies.api import Router, Scaler
+
+PROFILED = "pythia-profiled"  # Pythia's profiler and mechanisms as one object (policies.pythia), in every role
 
 
 def _rl_scaler(**params: object) -> Scaler:
@@ -30,25 +33,28 @@ ROUTERS: dict[str, Callable[..., Router]] = {
     "production_stack": routers.ProductionStack,
     "cache_aware": routers.CacheAware,
     "preble": routers.Preble,
-    "pythia": routers.Pythia,
+    "pythia": routers.PythiaRouter,
     "autellix": autellix.LocalityBalancer,
     "thunderagent": thunderagent.ThunderAgent,
+    PROFILED: pythia.Pythia,
 }
 SCALERS: dict[str, Callable[..., Scaler]] = {
     "static": scalers.Static,
     "hpa": scalers.HPA,
     "kpa": scalers.KPA,
-    "pythia": scalers.Pythia,
+    "pythia": scalers.PythiaScaler,
     "rl": _rl_scaler,
+    PROFILED: pythia.Pythia,
 }
 PRIORITIZERS: dict[str, Callable[..., object]] = {
     "autellix": autellix.AttainedService,
     "program_fcfs": continuum.ProgramFCFS,
+    PROFILED: pythia.Pythia,
 }
-RETENTIONS: dict[str, Callable[..., object]] = {"continuum": continuum.ToolTimeTTL}
+RETENTIONS: dict[str, Callable[..., object]] = {"continuum": continuum.ToolTimeTTL, PROFILED: pythia.Pythia}
 GATES: dict[str, Callable[..., object]] = {"thunderagent": thunderagent.ThunderAgent}
-PREFETCHERS: dict[str, Callable[..., object]] = {}
-PREDICTORS: dict[str, Callable[..., object]] = {}
+PREFETCHERS: dict[str, Callable[..., object]] = {PROFILED: pythia.Pythia}
+PREDICTORS: dict[str, Callable[..., object]] = {PROFILED: pythia.Pythia}
 REGISTRIES: dict[str, dict[str, Callable[..., object]]] = {
     "router": ROUTERS, "scaler": SCALERS, "prioritizer": PRIORITIZERS, "retention": RETENTIONS,
     "prefetcher": PREFETCHERS, "predictor": PREDICTORS, "gate": GATES}

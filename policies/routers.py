@@ -287,7 +287,7 @@ class Preble:
 
 
 @dataclass
-class Pythia:
+class PythiaRouter:
     """Pythia: workflow- and cache-aware placement, balanced by the work each replica must still do.
 
     Rule, for each call:

@@ -203,7 +203,7 @@ class KPA:
         return want
 
 @dataclass
-class Pythia:
+class PythiaScaler:
     """Pythia's controller: a token budget per pool with workflow look-ahead, up at once, down slowly.
 
     Per pool, the token rate the pool must sustain over the next interval:
@@ -231,7 +231,7 @@ class Pythia:
     replica_tokens_per_s: float = 8000.0
     target_utilization: float = 0.8
     backlog_s: float = 3.0  # short: a queue waiting for a 45 s cold start costs job latency at once
-    agent_tokens: dict[str, int] = field(default_factory=dict)
+    agent_tokens: dict[str, float] = field(default_factory=dict)
     scale_down_window_s: float = 60.0
     scale_down_hysteresis: float = 0.2
     min_replicas: int = 1
@@ -263,7 +263,14 @@ class Pythia:
                 dest = self._agent_pool.get(agent, name)
                 dest = dest if dest in next_calls else name
                 next_calls[dest][agent] = next_calls[dest].get(agent, 0) + n
-        wants = {name: self._desired(obs, pool, next_calls[name]) for name, pool in obs.pools.items()}
+        return self.decide_ahead(obs, next_calls, self.agent_tokens)
+
+    def decide_ahead(self, obs: ClusterObservation, next_calls: dict[str, dict[str, float]],
+                     agent_tokens: dict[str, float]) -> ScaleAction:
+        """``decide`` with the look-ahead given: per pool, the calls expected of each agent (a profiler's
+        probability x fan-out) and each agent's tokens per call."""
+        wants = {name: self._desired(obs, pool, next_calls.get(name, {}), agent_tokens)
+                 for name, pool in obs.pools.items()}
         return ScaleAction(fit_to_gpus(obs, wants, self.min_replicas))
 
     def need(self, pool: str, tokens_per_s: float) -> int:
@@ -271,12 +278,13 @@ class Pythia:
         capacity = self._tokens_per_s.get(pool, self.replica_tokens_per_s) * self.target_utilization
         return _ceil(tokens_per_s / capacity)
 
-    def _desired(self, obs: ClusterObservation, pool: PoolObservation, next_calls: dict[str, int]) -> int:
+    def _desired(self, obs: ClusterObservation, pool: PoolObservation, next_calls: dict[str, float],
+                 agent_tokens: dict[str, float]) -> int:
         name = pool.pool
         arrival_rate, mean_call = self._learn(obs, pool)
         queued = sum(r.outstanding_tokens * min(r.num_waiting / max(r.outstanding_requests, 1), 1.0)
                      for r in pool.replicas if r.state != "draining")
-        look_ahead = sum(n * self.agent_tokens.get(a, mean_call) for a, n in sorted(next_calls.items()))
+        look_ahead = sum(n * agent_tokens.get(a, mean_call) for a, n in sorted(next_calls.items()))
         backlog = queued + pool.pending * mean_call + look_ahead
         need = self.need(name, arrival_rate + backlog / self.backlog_s)
         current = pool.num_active

@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from policies.api import Hooks, Router, Scaler
-from policies.registry import REGISTRIES
+from policies.pythia import MECHANISMS
+from policies.registry import PROFILED, REGISTRIES
 
 ROLES = ("router", "scaler", "prioritizer", "retention", "prefetcher", "predictor", "gate")
 
@@ -60,10 +61,28 @@ SYSTEMS: dict[str, System] = {
     "continuum": System("Continuum", "session_affinity", prioritizer="program_fcfs", retention="continuum",
                         engine={"scheduling_policy": "priority"}),
     "thunderagent": System("ThunderAgent", "thunderagent", gate="thunderagent"),
-    "pythia": System("Pythia", "pythia", "pythia"),
-    "pythia-routing": System("Pythia routing only", "pythia"),
-    "pythia-scaling": System("Pythia scaling only", "round_robin", "pythia"),
 }
+
+
+def pythia_system(label: str, without: tuple[str, ...] = ()) -> System:
+    """Pythia (``policies.pythia``) with the mechanisms in ``without`` left out: one profiled object in every role it
+    still plays (the predictor always), round-robin routing without ``placement``, the engine arguments its
+    mechanisms need."""
+    on = [m for m in MECHANISMS if m not in without]
+    roles = {"router": "placement" in on, "scaler": "scaling" in on or "quotas" in on,
+             "prioritizer": "priority" in on, "retention": "retention" in on, "prefetcher": "prefetch" in on,
+             "predictor": True}
+    names = {role: PROFILED if used else None for role, used in roles.items()}
+    engine = {**({"scheduling_policy": "priority"} if "priority" in on else {}),
+              **({"admission_policy": "predicted"} if "admission" in on else {})}
+    return System(label, names["router"] or "round_robin", **{r: n for r, n in names.items() if r != "router"},
+                  params={r: {"without": tuple(without)} for r, n in names.items() if n}, engine=engine)
+
+
+SYSTEMS["pythia"] = pythia_system("Pythia")
+for _m in MECHANISMS:  # the ablation (fig. 8): Pythia minus each mechanism, vLLM plus each mechanism alone
+    SYSTEMS[f"pythia-no-{_m}"] = pythia_system(f"Pythia - {_m}", (_m,))
+    SYSTEMS[f"vllm+{_m}"] = pythia_system(f"vLLM + {_m}", tuple(m for m in MECHANISMS if m != _m))
 
 
 def system(name: str) -> System:

@@ -527,7 +527,13 @@ class Engine:
                 continue
             if self._predicted and kv.num_blocks_to_allocate(0, self._predicted_tokens(s), hit) > \
                     kv.num_free_blocks - reserve:
-                break
+                if num_steady or running:  # what runs frees blocks; the prediction waits for them
+                    break
+                if self._pins:  # nothing runs that would free blocks: pins give way, as below
+                    self._unpin_newest()
+                    continue
+                # Nothing runs and nothing is pinned: admit as "greedy" would, or a prediction larger than the free
+                # cache would stall the engine for good.
             if not self._allocate(s, hit_tokens, n, hit):
                 if self._pins and not (num_steady or running):  # nothing runs that would free blocks
                     self._unpin_newest()
