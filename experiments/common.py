@@ -116,7 +116,24 @@ def duration(quick: bool) -> float:
     return 120.0 if quick else 300.0
 
 
+# The agent-shaped workloads (fitted to Claude Code; ``python -m sim.characterize`` prints their operating points):
+# reference loads about 0.15 and 0.1 jobs/s on 8 x A100-40GB; their jobs run 20-50 minutes, mostly tool time.
+AGENT_WORKLOADS = ("coding-assistant", "software-team")
+AGENT_REFERENCE_LOAD = {"coding-assistant": 0.15, "software-team": 0.1}
+AGENT_LOAD_FACTORS = (0.5, 1.0, 2.0, 4.0)  # swept for throughput, x the reference load
+
+
+def agent_loads(workload: str, quick: bool) -> tuple[float, ...]:
+    ref = AGENT_REFERENCE_LOAD[workload]
+    return (ref,) if quick else tuple(f * ref for f in AGENT_LOAD_FACTORS)
+
+
+def agent_duration(quick: bool) -> float:
+    """Seconds of job arrivals per agent-workload run (the jobs then run to completion, 20-50 minutes)."""
+    return 300.0 if quick else 600.0
+
+
 def burst_arrivals(workload: str) -> str:
     """On/off job arrivals around the reference load: 30 s bursts at 3x, 60 s lulls at 0.25x (mean ~1.2x)."""
-    ref = REFERENCE_LOAD[workload]
+    ref = {**REFERENCE_LOAD, **AGENT_REFERENCE_LOAD}[workload]
     return f"onoff:{3 * ref:g},{0.25 * ref:g},30,60"

@@ -10,7 +10,7 @@ from experiments.output import Context, Output
 from experiments.plots import color_of, figure, setting
 from policies.systems import system
 
-SYSTEMS = ("vllm", "vllm-hpa", "sglang", "pythia")
+SYSTEMS = ("vllm", "vllm-hpa", "sglang", "autellix", "continuum", "thunderagent", "pythia")
 PANELS = (("throughput_rps", "throughput (calls/s)"), ("p99_latency_s", "p99 call latency (s)"),
           ("mean_jct_s", "job completion time (s)\nmean (solid), p95 (dashed)"),
           ("prefix_hit_rate", "prefix-cache hit rate"))

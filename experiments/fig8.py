@@ -1,44 +1,48 @@
-"""Figure 8: ablation of Pythia's two mechanisms at each workload's reference load and at its highest load."""
+"""Figure 8: ablation of Pythia's mechanisms on the agent workloads at their reference loads: Pythia with each
+mechanism removed in turn, and round-robin vLLM with each mechanism added alone (``policies.pythia.MECHANISMS``)."""
 
 from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from experiments.common import REFERENCE_LOAD, WORKLOADS, Point, duration, loads, sweep
+from experiments.common import AGENT_REFERENCE_LOAD, AGENT_WORKLOADS, Point, agent_duration, sweep
 from experiments.output import Context, Output
-from experiments.plots import color_of, figure, grouped_bars, setting
+from experiments.plots import figure, setting
+from policies.pythia import MECHANISMS
 from policies.systems import system
 
-SYSTEMS = ("vllm", "pythia-routing", "pythia-scaling", "pythia")
-METRICS = (("prefix_hit_rate", "prefix-cache hit rate"), ("p99_latency_s", "p99 call latency (s)"),
-           ("mean_jct_s", "mean JCT (s)"), ("gpu_seconds", "GPU-seconds"))
+SYSTEMS = ("vllm", *(f"vllm+{m}" for m in MECHANISMS), "pythia", *(f"pythia-no-{m}" for m in MECHANISMS))
+METRICS = (("mean_jct_s", "mean JCT (s)"), ("p99_latency_s", "p99 call latency (s)"),
+           ("prefix_hit_rate", "prefix-cache hit rate"), ("gpu_seconds", "GPU-seconds"))
 
 
 def run(ctx: Context) -> Output:
-    rates = {w: sorted({REFERENCE_LOAD[w], loads(w, ctx.quick)[-1]}) for w in WORKLOADS}
-    points = [Point(w, r, s, duration(ctx.quick), ctx.seed, cluster=ctx.cluster)
-              for w in WORKLOADS for r in rates[w] for s in SYSTEMS]
+    points = [Point(w, AGENT_REFERENCE_LOAD[w], s, agent_duration(ctx.quick), ctx.seed, cluster=ctx.cluster)
+              for w in AGENT_WORKLOADS for s in SYSTEMS]
     df = sweep(points, ctx.jobs)
     return Output(df, plot(df, setting(ctx.cluster)),
                   summary=df[["workload", "rate", "system"] + [c for c, _ in METRICS]])
 
 
 def plot(df: pd.DataFrame, where: str) -> Figure:
+    """Each metric relative to round-robin vLLM (left group) and to full Pythia (right group)."""
     workloads = list(dict.fromkeys(df["workload"]))
-    fig, axes = figure(len(workloads), len(METRICS), 4, 3.3)
+    fig, axes = figure(len(workloads), len(METRICS), 4.5, 3.6)
     for i, w in enumerate(workloads):
-        d = df[df["workload"] == w]
-        rates = sorted(d["rate"].unique())
+        d = df[df["workload"] == w].set_index("system")
         for j, (col, title) in enumerate(METRICS):
             ax = axes[i][j]
-            heights = {s: [float(d.loc[(d["system"] == s) & (d["rate"] == r), col].iloc[0]) for r in rates]
-                       for s in SYSTEMS}
-            grouped_bars(ax, [f"{r:g} jobs/s" for r in rates], heights, color_of(SYSTEMS),
-                         {s: system(s).label for s in SYSTEMS})
+            added = [d.loc[f"vllm+{m}", col] / d.loc["vllm", col] for m in MECHANISMS]
+            removed = [d.loc[f"pythia-no-{m}", col] / d.loc["pythia", col] for m in MECHANISMS]
+            x = range(len(MECHANISMS))
+            ax.bar([k - 0.2 for k in x], added, 0.4, label="vLLM + mechanism / vLLM")
+            ax.bar([k + 0.2 for k in x], removed, 0.4, label="Pythia - mechanism / Pythia")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks(list(x), MECHANISMS, rotation=45, fontsize=8)
             ax.set_title(f"{w}: {title}" if j == 0 else title, fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Fig. 8: ablation (cache-aware routing only, scaling only, both), {where}")
+    fig.suptitle(f"Fig. 8: ablation of {system('pythia').label}'s mechanisms, {where}")
     fig.tight_layout()
     return fig

@@ -29,10 +29,10 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig2": Experiment("experiments.fig2", "characterization: cached tokens per call, infinite-cache bound vs "
                                            "round-robin vLLM"),
     "fig7": Experiment("experiments.fig7", "end-to-end: throughput, p99 latency, mean/p95 JCT vs offered load"),
-    "fig8": Experiment("experiments.fig8", "ablation: cache-aware routing only, scaling only, both"),
+    "fig8": Experiment("experiments.fig8", "ablation: Pythia minus each mechanism, vLLM plus each mechanism alone"),
     "fig9": Experiment("experiments.fig9", "queue length over time under a burst"),
     "fig10": Experiment("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
-    "table1": Experiment("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia",
+    "table1": Experiment("experiments.table1", "the paper's table: every baseline vs Pythia on the agent workloads",
                          options=("real",)),
     "validate": Experiment("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, "
                                                    "hits, queues", needs="vllm"),

@@ -17,11 +17,13 @@ import importlib.util
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from experiments.output import Context, check_out_dir, provenance, write_output
 from experiments.registry import EXPERIMENTS
 from frontend.files import staging_dir
+from sim.cluster import ClusterConfig
 
 EXTRAS = {"rl": ("stable_baselines3", "stable-baselines3 and torch: pip install -e '.[rl]'"),
           "vllm": ("vllm", "real vLLM: pip install -e '.[real]', then uninstall torchvision torchaudio torchcodec "
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="output folder (default: figures, or figures/quick with --quick)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes for independent runs")
     ap.add_argument("--timesteps", type=int, help="training steps (train-scaler only)")
+    ap.add_argument("--gpu", help="simulated GPU of the cluster, e.g. a100-80gb (default: the cluster's a100-40gb); "
+                                  "results get the suffix -GPU")
     real = ap.add_argument_group("real vLLM servers (--backend real; table1)")
     real.add_argument("--backend", choices=("sim", "real"), default="sim", help="simulator, or real vLLM servers")
     real.add_argument("--gpus", help="launch servers on these GPUs, e.g. 0-7 (--tp per server)")
@@ -91,11 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{args.name}-real"
     elif args.gpus or args.cores or args.url or args.model:
         return _fail("--gpus, --cores, --url and --model apply to --backend real")
+    cluster = ClusterConfig()
+    if args.gpu is not None:
+        try:
+            cluster = replace(cluster, gpu=args.gpu)
+        except (KeyError, ValueError) as e:
+            return _fail(f"--gpu {args.gpu}: {e}")
+        name = f"{name}-{args.gpu}"
     out = args.out or (Path("figures/quick") if args.quick else Path("figures"))
     check_out_dir(out)
     t0 = time.perf_counter()
     stage = staging_dir(out, name)
-    ctx = Context(quick=args.quick, seed=args.seed, jobs=args.jobs, out=out, stage=stage, options=options)
+    ctx = Context(quick=args.quick, seed=args.seed, jobs=args.jobs, cluster=cluster, out=out, stage=stage,
+                  options=options)
     try:
         output = exp.runner()(ctx)
     except BaseException:

@@ -63,9 +63,11 @@ def test_table1_columns(out):
         main(["table1", "--quick", "--out", str(out)])
     t = pd.read_csv(out / "table1.csv")
     assert list(t.columns) == ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate",
-                               "mem_util_cv", "burst_queue_len", "mean_jct_s", "p95_jct_s"]
+                               "mem_util_cv", "burst_queue_len", "mean_jct_s", "p95_jct_s", "gpu_seconds",
+                               "slo_attainment"]
     assert t["prefix_hit_rate"].between(0, 1).all()
-    assert len(t) == 6  # 2 workloads x (vLLM, K8s HPA, Pythia)
+    assert len(t) == 16  # 2 agent workloads x 8 systems (vLLM, HPA, production-stack, SGLang, Autellix, Continuum,
+    #                       ThunderAgent, Pythia)
 
 
 def test_unknown_experiment_lists_known(capsys):
