@@ -15,8 +15,7 @@ prefetcher), so all of them read the same learned model of the workflow; ``polic
 - ``retention``: after a call whose role is likely followed (probability >= ``follow_probability``), pin its
   KV blocks for the ``retain_quantile`` of that role's learned tool time (at most ``max_retain_s``), so the
   continuation finds its context, but only while its replica's KV use (as last seen) is below ``retain_below``:
-  pins on a full replica make running calls wait and push the router to spread jobs (measured at 4x the
-  reference load on coding-assistant: pinning regardless cost 0.24 of the hit rate and 18 % of mean JCT);
+  pins on a full replica make running calls wait and push the router to spread jobs, losing their caches;
 - ``prefetch``: when a call ends, warm its replica with the static prefix of each role predicted to follow it
   (probability >= ``follow_probability``) that the replica does not hold yet, by the front end's records;
 - ``admission``: the engine admits a waiting call only when its prompt + predicted output fit (the profiler's
@@ -68,8 +67,7 @@ class Pythia:
     kv_high: float = 0.9
     max_waiting: int = 8
     # PythiaScaler's keyword arguments. Scaling down drops the conversations cached on the drained replicas, so
-    # Pythia scales down only to 30 % utilization after 5 minutes low (measured at the reference loads: mean JCT
-    # as with all 8 replicas, 6-9 % fewer GPU-seconds; the standalone defaults 0.8 / 60 s saved ~50 % at +0.15 %).
+    # Pythia scales down only to 30 % utilization, after 5 minutes low (notes/pythia-readme.md).
     scaler: dict = field(default_factory=lambda: {"target_utilization": 0.3, "scale_down_window_s": 300.0})
     min_replicas: int = 1  # the scaler's (as every scaler takes it)
     profiler: Profiler = field(init=False)
