@@ -32,6 +32,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig8": Experiment("experiments.fig8", "ablation: Pythia minus each mechanism, vLLM plus each mechanism alone"),
     "fig9": Experiment("experiments.fig9", "queue length over time under a burst"),
     "fig10": Experiment("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
+    "fig-baselines": Experiment("experiments.fig_baselines", "the strong baselines (production-stack, SGLang, "
+                                                             "Autellix, Continuum, ThunderAgent) vs vLLM and Pythia "
+                                                             "on the agent workloads: JCT, p99, hits, GPU-seconds"),
     "table1": Experiment("experiments.table1", "the paper's table: every baseline vs Pythia on the agent workloads",
                          options=("real",)),
     "validate": Experiment("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, "

@@ -314,6 +314,8 @@ class Engine:
         running is always admitted, so no request waits for a quota it can never meet."""
         self._quotas = {agent: int(share * self.kv.num_usable_blocks) for agent, share in shares.items()}
         self._choose_victims = self.args.scheduling_policy == "priority" or bool(self._quotas)
+        if self._boundary is not None:
+            self._wake()  # seen from the next step boundary on, whether steps run one by one or coalesced
 
     def pin(self, req: SimRequest, ttl_s: float) -> None:
         """Continuum's retention: hold the cached blocks of ``req``'s prompt (a call that just ended) for ``ttl_s``
@@ -326,6 +328,7 @@ class Engine:
             self._pin_now(req, ttl_s)
         else:
             self._commands.append(lambda: self._pin_now(req, ttl_s))
+            self._wake()  # a coalesced run ends with the step in progress, as a run of single steps would see it
 
     def _pin_now(self, req: SimRequest, ttl_s: float) -> None:
         s = _Seq(req, self.env.now, self.block_size, self.args.enable_prefix_caching)
@@ -352,8 +355,7 @@ class Engine:
             self._unpin(pin, "expired")
             return
         self._commands.append(lambda: self._pins.get(pin.tail) is pin and self._unpin(pin, "expired"))
-        if self.waiting:  # the freed blocks may admit someone: step boundary now
-            self._wake()
+        self._wake()  # released at the next step boundary, whether steps run one by one or coalesced
 
     def _unpin(self, pin: _Pin, why: str) -> None:
         del self._pins[pin.tail]
