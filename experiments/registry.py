@@ -32,6 +32,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig8": Experiment("experiments.fig8", "ablation: cache-aware routing only, scaling only, both"),
     "fig9": Experiment("experiments.fig9", "queue length over time under a burst"),
     "fig10": Experiment("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
+    "fig-shape": Experiment("experiments.fig_shape", "where predictability pays: throughput gain over vLLM vs "
+                                                     "mean prompt x output, and vs the prefix-reuse bound"),
     "table1": Experiment("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia",
                          options=("real",)),
     "validate": Experiment("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, "
