@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"'{args.name}' needs {EXTRAS[exp.needs][1]}")
     if args.ray is not None and importlib.util.find_spec("ray") is None:
         return _fail(f"--ray needs {EXTRAS['ray'][1]}")
+    if args.ray is not None and args.jobs > 1:
+        return _fail(f"--jobs {args.jobs} and --ray {args.ray}: runs go to local processes or to Ray, give one")
     options: dict = {}
     for option, value in (("timesteps", args.timesteps), ("seeds", args.seeds), ("grid", args.grid)):
         if value is None:
@@ -120,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     stage = staging_dir(out, name)
     ctx = Context(quick=args.quick, seed=args.seed, jobs=args.jobs, out=out, stage=stage, options=options)
-    signal.signal(signal.SIGTERM, _exit_on_signal)  # as Ctrl-C: unwind, so worker processes and Ray stop too
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)  # as Ctrl-C: unwind, so workers and Ray stop too
     try:
         with ray_cluster(args.ray):
             output = exp.runner()(ctx)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     written = write_output(out, name, output, stage, provenance(name, ctx))
     summary = output.summary if output.summary is not None else output.data
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

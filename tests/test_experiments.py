@@ -95,6 +95,12 @@ def test_timesteps_and_seeds_only_for_training(capsys):
     assert "--seeds applies to train-scaler, not 'fig7'" in capsys.readouterr().err
 
 
+def test_jobs_and_ray_are_one_or_the_other(capsys):
+    assert main(["fig7", "--jobs", "2", "--ray", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs 2 and --ray auto" in err or "--ray needs Ray" in err
+
+
 def test_real_backend_flags_are_checked(capsys):
     assert main(["fig7", "--backend", "real", "--gpus", "0-7"]) == 2
     assert "--backend real applies to table1, not 'fig7'" in capsys.readouterr().err
