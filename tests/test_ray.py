@@ -21,14 +21,7 @@ from stable_baselines3 import PPO
 from experiments.common import RunsFailed, parallel_map, ray_cluster
 from experiments.run import main
 
-GRID = """\
-workload: coding-assistant-chat
-rate: 0.5
-duration_s: 20
-gpus: 2
-system: [vllm, pythia]
-seed: [0, 1]
-"""
+GRID = Path(__file__).resolve().parent / "grids" / "four-points.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -56,12 +49,10 @@ def _assert_no_ray_left() -> None:
 def test_a_sweep_on_ray_auto_equals_the_local_processes_and_stops_its_cluster(tmp_path):
     """`--ray auto` with no cluster running starts one on this machine (loopback), runs the 4 points as tasks
     and stops it again."""
-    grid = tmp_path / "four.yaml"
-    grid.write_text(GRID)
-    assert main(["sweep", str(grid), "--jobs", "2", "--out", str(tmp_path / "local")]) == 0
-    assert main(["sweep", str(grid), "--ray", "auto", "--out", str(tmp_path / "ray")]) == 0
-    local = pd.read_parquet(tmp_path / "local" / "sweep-four.parquet")
-    on_ray = pd.read_parquet(tmp_path / "ray" / "sweep-four.parquet")
+    assert main(["sweep", str(GRID), "--jobs", "2", "--out", str(tmp_path / "local")]) == 0
+    assert main(["sweep", str(GRID), "--ray", "auto", "--out", str(tmp_path / "ray")]) == 0
+    local = pd.read_parquet(tmp_path / "local" / "sweep-four-points.parquet")
+    on_ray = pd.read_parquet(tmp_path / "ray" / "sweep-four-points.parquet")
     assert len(local) == 4
     pd.testing.assert_frame_equal(local, on_ray, check_exact=True)
     assert not ray.is_initialized()

@@ -24,14 +24,7 @@ from sim.scenario import Scenario
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "experiments" / "grids"
-SMALL = """\
-workload: coding-assistant-chat
-rate: 0.5
-duration_s: 20
-gpus: 2
-system: [vllm, pythia]
-seed: [0, 1]
-"""
+SMALL = (Path(__file__).resolve().parent / "grids" / "four-points.yaml").read_text()
 
 
 def grid_file(tmp_path: Path, text: str, name: str = "g.yaml") -> Path:
