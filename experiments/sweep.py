@@ -149,8 +149,10 @@ def load_grid(path: Path, quick: bool = False) -> Grid:
         settings.append(setting)
     ids = [point_id(p) for p in points]
     if len(set(ids)) < len(ids):
-        dup = next(k for k in axes if len(set(map(repr, axes[k]))) < len(axes[k]))
-        raise GridError(f"{where(dup)} lists a value twice: {axes[dup]}")
+        dup = next((k for k in axes if len(set(map(repr, axes[k]))) < len(axes[k])), None)
+        if dup is not None:
+            raise GridError(f"{where(dup)} lists a value twice: {axes[dup]}")
+        raise GridError(f"{path}: two combinations of the axes make the same scenario")
     x, columns, metrics = _plot_spec(path, plot, axes)
     return Grid(path, axes, points, settings, x, columns, metrics)
 
@@ -286,6 +288,8 @@ def _where(path: Path, entries: dict, key: str, value: object = None) -> str:
 
 
 def _where_line(entries: dict, key: str, value: object) -> int:
+    if key not in entries:  # not in the file: the duration --quick sets
+        return 1
     values = entries[key][0]
     return next((line for v, line in values if v == value), values[0][1])
 

@@ -196,3 +196,16 @@ def test_sigterm_stops_the_worker_processes(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_only_experiments_imports_ray():
+    """DESIGN.md: sweeps and training may run on Ray; nothing below experiments/ knows it."""
+    import ast
+
+    below = [p for pkg in ("traces", "policies", "frontend", "sim", "real") for p in sorted((REPO / pkg).rglob("*.py"))]
+    assert below
+    for path in below:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n == "ray" or n.startswith("ray.")], f"{path} imports Ray"
