@@ -19,7 +19,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.calibration import all_reduce_profile, error_table, v1_error_table  # noqa: E402
+from sim.calibration import PROFILES, all_reduce_profile, error_table, v1_error_table  # noqa: E402
 from sim.hardware import GPU_ENGINES, MiB  # noqa: E402
 
 TARGET = 0.10
@@ -71,9 +71,15 @@ def print_v1_table() -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", choices=GPU_ENGINES, default="vllm-v1")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--engine", choices=GPU_ENGINES, default="vllm-v1", help="engine generation whose step times "
+                    "are checked beside the kernels")
     args = ap.parse_args(argv)
+    if not PROFILES.is_dir():
+        print(f"the measured timings are not here: {PROFILES} does not exist (the shared profiles belong in "
+              "../shared/profiles beside the repository, or set PYTHIA_SHARED_DIR)", file=sys.stderr)
+        return 2
     tables = [print_kernel_table(args.engine)]
     if args.engine == "vllm-v1":
         tables.append(print_v1_table())

@@ -57,10 +57,11 @@ def row(kind: str, name: str, t: Timed) -> str:
             f"  {'yes' if np.percentile(ms, 99) < CLAIM_MS else 'NO'}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of workload per policy")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     table = make_workload(WORKLOAD, rate=REFERENCE_LOAD[WORKLOAD], duration_s=args.duration, seed=0)
     cfg = ClusterConfig(num_gpus=8, pools=(PoolConfig(initial_replicas=8),))
     print(f"{WORKLOAD} at {REFERENCE_LOAD[WORKLOAD]} jobs/s for {args.duration:.0f} s: {len(table)} calls, "

@@ -254,14 +254,16 @@ def report(samples: list[Sample], kernels, engine, model: str, device: str = "cp
 def main(argv: list[str] | None = None) -> int:
     from sim.hardware import CPU_CORE, engine_to_json, kernels_to_json, write_calibration
 
-    ap = argparse.ArgumentParser(prog="python -m experiments.calibrate_cpu", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.calibrate_cpu", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny-llama", help="shipped sim model name, config.json or model directory")
     ap.add_argument("--cores", default="0", help="comma-separated CPU cores, one server each, all measured at "
                     "once (e.g. 0,1 to calibrate under the contention of a two-replica run)")
     ap.add_argument("--url", action="append", default=[], help="measure this running server instead (repeatable; "
                     "started with the flags of real.launcher.server_argv: block 32, max_num_batched_tokens 2048, "
                     "max_model_len 2048)")
-    ap.add_argument("--repeats", type=int, default=REPEATS)
+    ap.add_argument("--repeats", type=int, default=REPEATS,
+                    help="timed repeats of each measured step (their median counts)")
     ap.add_argument("--out", type=Path, default=CPU_CORE, help=f"calibration file to write (default {CPU_CORE}, "
                     "which the simulator's cpu-core device reads)")
     args = ap.parse_args(argv)

@@ -10,17 +10,15 @@ mode and package version made it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from frontend.files import check_writable, move_all, package_version
 from sim.cluster import ClusterConfig
 
 
@@ -51,15 +49,9 @@ class Output:
 def check_out_dir(out: Path) -> None:
     """Refuse an output folder that cannot be written, before any work is done."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise SystemExit(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def staging_dir(out: Path, name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+        check_writable(out)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def write_output(out: Path, name: str, output: Output, stage: Path, about: dict) -> list[Path]:
@@ -71,21 +63,14 @@ def write_output(out: Path, name: str, output: Output, stage: Path, about: dict)
         for stem, table in tables.items():
             table.to_csv(stage / f"{stem}.csv", index=False)
             (stage / f"{stem}.meta.json").write_text(json.dumps({**about, "table": f"{stem}.csv"}, indent=1) + "\n")
-        written = []
-        for path in sorted(stage.iterdir()):
-            os.replace(path, out / path.name)
-            written.append(out / path.name)
-        return written
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return move_all(stage, out)
 
 
 def provenance(name: str, ctx: Context) -> dict:
     """What made a result file: the command, seed, mode and package version."""
-    try:
-        version = metadata.version("pythia-sim")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
     return {"experiment": name, "command": " ".join([Path(sys.executable).name, "-m", "experiments.run",
                                                      *sys.argv[1:]]),
-            "seed": ctx.seed, "quick": ctx.quick, "version": version}
+            "seed": ctx.seed, "quick": ctx.quick, "version": package_version()}

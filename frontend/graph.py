@@ -19,12 +19,13 @@ from traces.schema import validate
 def request_infos(table: pd.DataFrame, pool: str = "default") -> list[RequestInfo]:
     """What the front end knows of each call of a canonical workload table, in row order."""
     cols = ["request_id", "arrival_s", "input_tokens", "block_hashes", "hash_block_size", "session_id", "job_id",
-            "workflow", "agent", "expected_output_tokens", "next_agents", "slo_s"]
+            "workflow", "agent", "expected_output_tokens", "next_agents", "slo_s", "parents"]
     out = []
-    for (rid, arr, inp, blocks, hbs, sess, job, wf, agent, exp_out, nxt, slo) in zip(
+    for (rid, arr, inp, blocks, hbs, sess, job, wf, agent, exp_out, nxt, slo, parents) in zip(
             *(table[c].tolist() for c in cols), strict=True):
         out.append(RequestInfo(int(rid), float(arr), int(inp), tuple(blocks), int(hbs), pool, sess, int(job), wf,
-                               agent, int(exp_out), tuple(a for a in nxt.split(",") if a), float(slo)))
+                               agent, int(exp_out), tuple(a for a in nxt.split(",") if a), float(slo),
+                               tuple(int(p) for p in parents)))
     return out
 
 

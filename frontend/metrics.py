@@ -15,8 +15,9 @@ def _pct(values: pd.Series | np.ndarray, q: float) -> float:
 
 
 def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFrame,
-              cluster: pd.DataFrame | None = None) -> dict[str, float]:
-    """Per-run summary: throughput, latency percentiles, hit rate, memory-utilization spread, queue, JCT."""
+              cluster: pd.DataFrame | None = None) -> dict[str, float | int]:
+    """Per-run summary: throughput, latency percentiles, hit rate, memory-utilization spread, queue, JCT. Counts
+    (calls, failures, queue length, preemptions) are integers, so tables of summaries write them as such."""
     ok = requests[requests["status"] == "ok"]
     e2e = ok["finish_s"] - ok["release_s"]
     ttft = ok["first_token_s"] - ok["release_s"]
@@ -24,8 +25,8 @@ def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFra
     span = float(ok["finish_s"].max() - requests["release_s"].min()) if len(ok) else math.nan
     slo_ok = (e2e <= ok["slo_s"]) | ok["slo_s"].isna()
     out = {
-        "num_requests": float(len(requests)),
-        "num_failed": float((requests["status"] != "ok").sum()),
+        "num_requests": len(requests),
+        "num_failed": int((requests["status"] != "ok").sum()),
         "throughput_rps": len(ok) / span if span > 0 else math.nan,
         "output_tokens_per_s": float(ok["output_tokens"].sum()) / span if span > 0 else math.nan,
         "mean_latency_s": float(e2e.mean()),
@@ -38,7 +39,7 @@ def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFra
         "p95_jct_s": _pct(jobs["jct_s"], 95) if len(jobs) else math.nan,
         "mem_util_cv": mem_util_cv(timeseries),
         "max_queue_len": max_queue(timeseries, cluster),
-        "preemptions": float(ok["num_preemptions"].sum()),
+        "preemptions": int(ok["num_preemptions"].sum()),
     }
     if cluster is not None and len(cluster):
         dt = gpus_series(cluster)
@@ -60,10 +61,10 @@ def mem_util_cv(timeseries: pd.DataFrame) -> float:
     return float((std[busy] / mean[busy]).mean()) if busy.any() else 0.0
 
 
-def max_queue(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> float:
+def max_queue(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> int:
     """Largest number of calls waiting anywhere (engine waiting queues + front-end pending) at one sample."""
     waiting = queue_series(timeseries, cluster)
-    return float(waiting.max()) if len(waiting) else 0.0
+    return int(waiting.max()) if len(waiting) else 0
 
 
 def queue_series(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> pd.Series:

@@ -29,9 +29,10 @@ class RequestInfo:
     job_id: int = -1
     workflow: str = ""
     agent: str = ""
-    expected_output_tokens: int = -1  # workflow.yaml hint; -1 unknown
-    next_agents: tuple[str, ...] = ()  # workflow.yaml hint: agents released after this call
+    expected_output_tokens: int = -1  # hint (workflow.yaml, or a Predictor's bound); -1 unknown
+    next_agents: tuple[str, ...] = ()  # hint: agents released after this call
     slo_s: float = float("nan")
+    parents: tuple[int, ...] = ()  # request ids this call waited for (its job's DAG, as the front end released it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +95,37 @@ class ClusterObservation:
 
 @dataclass(frozen=True, slots=True)
 class ScaleAction:
-    """Desired number of serving replicas per pool (pools not named keep their count)."""
+    """Desired number of serving replicas per pool (pools not named keep their count), and optionally each
+    pool's KV-memory quotas per agent group (a share of every replica's KV blocks; simulator-only: vLLM has
+    no per-tenant KV limit)."""
 
     target_replicas: dict[str, int]
+    memory_quotas: dict[str, dict[str, float]] = field(default_factory=dict)  # pool -> agent -> share (0-1]
+
+
+@dataclass(frozen=True, slots=True)
+class CallDone:
+    """What the front end learns when a call ends (a real one: the end of its HTTP stream)."""
+
+    request: RequestInfo
+    replica_id: int  # -1: never routed
+    status: str  # ok | failed | rejected
+    release_s: float
+    first_token_s: float
+    finish_s: float
+    output_tokens: int  # tokens generated
+    cached_tokens: int  # prompt tokens the engine served from its prefix cache (vLLM's usage.cached_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Warm ``replica_id``'s prefix cache with a prompt prefix: a prefill-only call (one output token) of
+    ``num_tokens`` tokens named by ``block_hashes``, which real vLLM serves as any other call."""
+
+    replica_id: int
+    block_hashes: tuple[int, ...]
+    hash_block_size: int
+    num_tokens: int
 
 
 @runtime_checkable
@@ -109,3 +138,37 @@ class Router(Protocol):
 @runtime_checkable
 class Scaler(Protocol):
     def decide(self, obs: ClusterObservation) -> ScaleAction: ...
+
+
+@runtime_checkable
+class Prioritizer(Protocol):
+    """vLLM's priority scheduling (``scheduling_policy="priority"``): the call's ``priority``, lower first."""
+
+    def priority(self, request: RequestInfo, now: float) -> int: ...
+
+
+@runtime_checkable
+class Retention(Protocol):
+    """Continuum's mechanism: keep a finished call's KV blocks on its replica for a while, so the next call of
+    the same program finds them after its tool call (simulator-only: vLLM 0.32 cannot pin blocks)."""
+
+    def retain_s(self, done: CallDone, now: float) -> float:
+        """Seconds to pin ``done``'s prompt and output blocks on ``done.replica_id`` (0: not at all)."""
+        ...
+
+
+@runtime_checkable
+class Prefetcher(Protocol):
+    def prefetch(self, done: CallDone, replicas: Sequence[ReplicaView], now: float) -> list[Prefetch]:
+        """Prefixes to warm now that ``done`` ended (e.g. the predicted next agent's static prefix)."""
+        ...
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What the front end predicts of a call (a profiler): it fills a released call's hints and learns from
+    every call that ends."""
+
+    def annotate(self, request: RequestInfo, now: float) -> RequestInfo: ...
+
+    def observe(self, done: CallDone) -> None: ...

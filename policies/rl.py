@@ -208,8 +208,15 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".zip"), stem.with_name(stem.name + ".json")
 
 
+def checkpoint_features(residual: bool) -> list[str]:
+    """The names of one frame's features, in order, as a checkpoint's ``features`` records them."""
+    return feature_names(residual) + ["free_gpu_share"]
+
+
 def read_checkpoint_meta(path: str | Path) -> dict:
-    """The JSON beside a checkpoint, after checking that this code's encoder produces its inputs."""
+    """The JSON beside a checkpoint, after checking that this code's encoder produces its inputs: the format, the
+    encoder version, the feature list (names and order) and the fields the scaler needs, each of the right type.
+    Every refusal names the file and the field."""
     zip_path, json_path = checkpoint_paths(path)
     for f in (zip_path, json_path):
         if not f.exists():
@@ -217,18 +224,48 @@ def read_checkpoint_meta(path: str | Path) -> dict:
                                     "written by `python -m experiments.run train-scaler`)")
     try:
         meta = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{json_path}: expected a JSON object of checkpoint fields, got a {type(meta).__name__}")
+
+    def field(key: str, kinds: tuple[type, ...], what: str) -> object:
+        """meta[key], refused when missing or of another JSON type (a bool is not an integer here)."""
+        if key not in meta:
+            raise ValueError(f"{json_path}: missing field '{key}' ({what})")
+        value = meta[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{json_path}: field '{key}' is {value!r} (a {type(value).__name__}); expected {what}")
+        return value
+
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{json_path}: field 'format' is {meta.get('format')!r}, expected '{CHECKPOINT_FORMAT}'")
-    version = meta.get("encoder_version")
+    version = field("encoder_version", (int,), f"the integer {ENCODER_VERSION}")
     if version != ENCODER_VERSION:
         raise ValueError(f"{json_path}: the policy was trained on feature encoder version {version}, but this code "
                          f"encodes version {ENCODER_VERSION}; its inputs would not mean what it learned. Retrain "
                          "it (`python -m experiments.run train-scaler`) or use the code it was trained with.")
-    for key in ("pools", "history", "min_replicas", "residual_of", "max_offset"):
-        if key not in meta:
-            raise ValueError(f"{json_path}: missing field '{key}'")
+    pools = field("pools", (list,), "a list of pool names")
+    if not pools or not all(isinstance(p, str) and p for p in pools):
+        raise ValueError(f"{json_path}: field 'pools' is {pools!r}; expected a non-empty list of pool names")
+    for key, low in (("history", 1), ("min_replicas", 0)):
+        if field(key, (int,), f"an integer >= {low}") < low:
+            raise ValueError(f"{json_path}: field '{key}' is {meta[key]}; expected an integer >= {low}")
+    residual_of = field("residual_of", (str, type(None)), "a scaler name, or null for an absolute policy")
+    max_offset = field("max_offset", (int,), "an integer")
+    if residual_of is not None and max_offset < 1:
+        raise ValueError(f"{json_path}: field 'max_offset' is {max_offset}; a residual policy needs >= 1")
+    features = field("features", (list,), "the list of feature names the policy was trained on")
+    expected = checkpoint_features(residual_of is not None)
+    if features != expected:
+        at = next((i for i, (a, b) in enumerate(zip(features, expected, strict=False)) if a != b),
+                  min(len(features), len(expected)))
+        got = features[at] if at < len(features) else "(end of list)"
+        want = expected[at] if at < len(expected) else "(end of list)"
+        raise ValueError(f"{json_path}: field 'features' differs from this code's encoder at position {at}: the "
+                         f"checkpoint has {got!r}, the encoder {want!r} ({len(features)} vs {len(expected)} "
+                         f"features); the policy would read its inputs in the wrong places. Retrain it, or use the "
+                         "code it was trained with.")
     return meta
 
 
@@ -245,7 +282,13 @@ class RLScaler:
         self.meta = read_checkpoint_meta(path)
         from stable_baselines3 import PPO
 
-        self.model = PPO.load(checkpoint_paths(path)[0], device="cpu")
+        zip_path = checkpoint_paths(path)[0]
+        try:
+            self.model = PPO.load(zip_path, device="cpu")
+        except Exception as e:  # SB3 reports a truncated or foreign file as AssertionError, KeyError, BadZipFile, ...
+            raise ValueError(f"{zip_path}: not a loadable stable-baselines3 PPO checkpoint ({type(e).__name__}: "
+                             f"{e}); the file may be truncated. Copy it again or retrain "
+                             "(`python -m experiments.run train-scaler`)") from None
         self.pools: list[str] = list(self.meta["pools"])
         residual_of = self.meta["residual_of"]
         self.residual = (Residual(make_base(residual_of), self.pools, int(self.meta["max_offset"]))
@@ -253,7 +296,7 @@ class RLScaler:
         self.encoder = FeatureEncoder(self.pools, int(self.meta["history"]), residual=self.residual is not None)
         expected = (self.encoder.size,)
         if self.model.observation_space.shape != expected:
-            raise ValueError(f"{checkpoint_paths(path)[0]}: the model takes observations of shape "
+            raise ValueError(f"{zip_path}: the model takes observations of shape "
                              f"{self.model.observation_space.shape}, the encoder makes {expected}")
         self.min_replicas = int(self.meta["min_replicas"] if min_replicas is None else min_replicas)
         if self.min_replicas < 0:

@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from frontend.checks import check_bool, check_choice, check_float, check_int, check_name
 from frontend.engine_args import EngineArgs
 
 CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend: block_size must be a multiple of this
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # vllm serve --dtype
 
 # How the executor drives the servers: one setting per run, so every pool's RealConfig must agree on them.
 EXECUTOR_FIELDS = ("control_interval_s", "scrape_interval_s", "request_timeout_s", "retry_failed", "record_token_times")
@@ -51,9 +53,7 @@ class RealConfig:
     record_token_times: bool = True  # one row per generated token in RealResult.token_times
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 0 or self.max_replicas < 0:
-            raise ValueError(f"RealConfig: num_replicas={self.num_replicas} and max_replicas={self.max_replicas} "
-                             f"must be >= 0")
+        self._check_fields()
         if self.urls and self.num_replicas > len(self.urls):
             raise ValueError(f"RealConfig: num_replicas={self.num_replicas} but only {len(self.urls)} urls to "
                              f"attach to; list more urls or lower num_replicas")
@@ -73,9 +73,36 @@ class RealConfig:
                              f"only multiples of {CPU_BLOCK_MULTIPLE}; use EngineArgs(block_size=32) for CPU servers")
         if self.num_replicas > self.capacity:
             raise ValueError(f"RealConfig: num_replicas={self.num_replicas} exceeds max_replicas={self.capacity}")
+
+    def _check_fields(self) -> None:
+        """Each field's type and range on its own (the checks above relate fields)."""
+        check_name("RealConfig.model", self.model)
+        check_name("RealConfig.pool", self.pool)
+        for name in ("num_replicas", "max_replicas", "vocab_size"):
+            check_int(f"RealConfig.{name}", getattr(self, name), 0)
+        check_int("RealConfig.tensor_parallel_size", self.tensor_parallel_size, 1)
+        check_int("RealConfig.kv_cache_space_gib", self.kv_cache_space_gib, 1)
+        for name in ("cores", "gpus"):
+            devices = getattr(self, name)
+            if not isinstance(devices, tuple):
+                raise ValueError(f"RealConfig.{name}={devices!r} must be a tuple of device ids")
+            for i, d in enumerate(devices):
+                check_int(f"RealConfig.{name}[{i}]", d, 0)
+        for name in ("urls", "extra_server_args"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"RealConfig.{name}={values!r} must be a tuple of non-empty strings")
+        if not isinstance(self.engine, EngineArgs):
+            raise ValueError(f"RealConfig.engine={self.engine!r} must be an EngineArgs")
+        check_choice("RealConfig.dtype", self.dtype, VLLM_DTYPES)
+        check_name("RealConfig.load_format", self.load_format)
+        check_name("RealConfig.python", self.python)
+        if not isinstance(self.log_dir, str):
+            raise ValueError(f"RealConfig.log_dir={self.log_dir!r} must be a string ('' for a temporary directory)")
+        for name in ("enforce_eager", "retry_failed", "record_token_times"):
+            check_bool(f"RealConfig.{name}", getattr(self, name))
         for name in ("control_interval_s", "scrape_interval_s", "startup_timeout_s", "request_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RealConfig: {name}={getattr(self, name)} must be > 0")
+            check_float(f"RealConfig.{name}", getattr(self, name), 0.0, open_low=True)
 
     @property
     def launch(self) -> bool:

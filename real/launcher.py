@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from real.config import RealConfig
 
 log = logging.getLogger(__name__)
@@ -106,17 +108,13 @@ def probe(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 2.0
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process of the process group is left (Linux /proc)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    """Whether any non-zombie process of the process group is left."""
+    for proc in psutil.process_iter():
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
     return False
 
 

@@ -9,12 +9,9 @@ fetches the text.
 
 from __future__ import annotations
 
-import re
+from prometheus_client.parser import text_string_to_metric_families
 
 from frontend.ledger import ReplicaMetrics
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 # ReplicaMetrics field -> vLLM metric name (vLLM >= 0.11 names; the old gpu_* names are gone)
 SUMMED = {
@@ -47,18 +44,11 @@ class MetricsError(ValueError):
 
 
 def parse_prometheus(text: str) -> Samples:
-    """Prometheus text exposition -> {metric name: [(labels, value), ...]}; comments are skipped."""
+    """Prometheus text exposition -> {sample name: [(labels, value), ...]} (prometheus_client's own parser)."""
     out: Samples = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        name, labels, value = m.groups()
-        parsed = {k: v.replace('\\"', '"').replace("\\\\", "\\") for k, v in _LABEL.findall(labels or "")}
-        out.setdefault(name, []).append((parsed, float(value)))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
     return out
 
 

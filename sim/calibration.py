@@ -513,7 +513,8 @@ def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.calibration", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m sim.calibration", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--check", action="store_true", help="print what a refit would change; write nothing")
     args = ap.parse_args(argv)
     k = calibrate_kernels()

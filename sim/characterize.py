@@ -172,16 +172,17 @@ def format_table(points: Sequence[OperatingPoint]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.characterize", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sim.characterize", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("names", nargs="+", help="shipped workflows or shared traces")
-    parser.add_argument("--gpu", default=DEFAULT_GPU)
+    parser.add_argument("--gpu", default=DEFAULT_GPU, help="GPU kind")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model short name or config.json path")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster")
     parser.add_argument("--tp", type=int, default=1, help="GPUs per replica")
     parser.add_argument("--context-limit", type=int, default=None,
                         help="context window in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--num-jobs", type=int, default=200, help="jobs generated per workflow")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--scale-to", metavar="PROMPT,OUTPUT", default=None,
                         help="rescale each workflow to this mean prompt and mean output (tokens), e.g. 2048,20")
     parser.add_argument("--json", action="store_true", help="print one JSON object per workload instead")

@@ -7,20 +7,25 @@ the sampler) and how a call is served (``sim.engine.Replica``, one vLLM engine p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
 import simpy
 
-from frontend.core import FrontEnd, PoolSpec, Replica
+from frontend.checks import check_bool, check_choice, check_float, check_int, check_name
+from frontend.core import LIVE, FrontEnd, PoolSpec, Replica
 from frontend.engine_args import EngineArgs
 from frontend.ledger import ReplicaMetrics
 from frontend.results import Results
 from policies.api import RequestInfo, Router, Scaler
 from sim.costmodel import CostModel, make_cost_model
 from sim.engine import Engine, RequestRecord, SimRequest
+from sim.hardware import get_gpu
 from sim.models import Model, load_model, num_gpu_blocks
+
+MAX_GPUS = 65536  # the largest cluster a ClusterConfig may name
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,12 @@ class PoolConfig:
     model: str = "llama-3.1-8b"
     tp: int = 1
     initial_replicas: int = 8
+
+    def __post_init__(self) -> None:
+        check_name("PoolConfig.name", self.name)
+        check_name(f"pool '{self.name}': PoolConfig.model", self.model)
+        check_int(f"pool '{self.name}': PoolConfig.tp", self.tp, 1, MAX_GPUS)
+        check_int(f"pool '{self.name}': PoolConfig.initial_replicas", self.initial_replicas, 0, MAX_GPUS)
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,66 @@ class ClusterConfig:
     control_interval_s: float = 5.0
     sample_interval_s: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_name("ClusterConfig.gpu", self.gpu)
+        gpu = get_gpu(self.gpu)  # an unknown name is refused with the known ones
+        check_int("ClusterConfig.num_gpus", self.num_gpus, 1, MAX_GPUS)
+        if not isinstance(self.pools, tuple) or not self.pools or \
+                not all(isinstance(p, PoolConfig) for p in self.pools):
+            raise ValueError(f"ClusterConfig.pools={self.pools!r} must be a non-empty tuple of PoolConfig")
+        names = [p.name for p in self.pools]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"ClusterConfig.pools: pool name(s) {twice} appear twice; give each pool its own name")
+        if not isinstance(self.agent_pools, dict):
+            raise ValueError(f"ClusterConfig.agent_pools={self.agent_pools!r} must be a dict of agent -> pool name")
+        unknown = sorted({p for p in self.agent_pools.values() if p not in names})
+        if unknown:
+            raise ValueError(f"ClusterConfig.agent_pools maps agents to pool(s) {unknown}; the pools are {names}")
+        if not isinstance(self.engine, EngineArgs):
+            raise ValueError(f"ClusterConfig.engine={self.engine!r} must be an EngineArgs")
+        if self.engine_version is not None:
+            check_choice(f"ClusterConfig.engine_version (on {self.gpu})", self.engine_version, gpu.engines)
+        check_bool("ClusterConfig.coalesce_steps", self.coalesce_steps)
+        check_float("ClusterConfig.engine_startup_s", self.engine_startup_s, 0.0)
+        for name in ("weight_load_gbps", "control_interval_s", "sample_interval_s"):
+            check_float(f"ClusterConfig.{name}", getattr(self, name), 0.0, open_low=True)
+        need = sum(p.initial_replicas * p.tp for p in self.pools)
+        if need > self.num_gpus:
+            raise ValueError(f"initial replicas need {need} GPUs but the cluster has num_gpus={self.num_gpus}; lower "
+                             f"initial_replicas or raise num_gpus")
+
     def pool(self, name: str) -> PoolConfig:
         for p in self.pools:
             if p.name == name:
                 return p
         raise KeyError(f"unknown pool '{name}'; pools are {[p.name for p in self.pools]}")
+
+
+STALL_S = 600.0  # simulated seconds calls may wait with no replica of their pool ready or starting
+IDLE_SKIP_SAMPLES = 1000  # an idle span longer than this many sample intervals is not sampled
+MAX_CONTROL_INTERVALS = 10**7  # scaler decisions one run may need (the span of its arrivals / control_interval_s)
+
+
+class StalledError(RuntimeError):
+    """The simulated cluster cannot make progress: calls wait and no replica will ever serve them."""
+
+
+def check_progress(table: pd.DataFrame, cfg: ClusterConfig, scaler: Scaler | None, controlled: bool) -> None:
+    """Refuse, before any work, a run that could never end: a pool without replicas that nothing can start, or
+    a scaler that would have to decide more than MAX_CONTROL_INTERVALS times."""
+    if scaler is None and not controlled:
+        empty = [p.name for p in cfg.pools if p.initial_replicas == 0]
+        if empty:
+            raise ValueError(f"pool(s) {empty} have initial_replicas=0 and there is no scaler to start a replica, so "
+                             "their calls could never be served; give them initial replicas or pass a scaler")
+    if scaler is not None and len(table):
+        span = float(table["arrival_s"].max())
+        if span / cfg.control_interval_s > MAX_CONTROL_INTERVALS:
+            raise ValueError(f"the workload's arrivals span {span:.4g} s: the scaler would decide every "
+                             f"control_interval_s={cfg.control_interval_s:g} s, {span / cfg.control_interval_s:.3g} "
+                             f"times (at most {MAX_CONTROL_INTERVALS:.0e}); raise control_interval_s or shorten the "
+                             "workload's idle gaps")
 
 
 class SimBackend:
@@ -80,10 +146,6 @@ class SimBackend:
                                  f"term, which a simulated call cannot take back; recalibrate")
             self.max_model_len[p.name] = max_model_len(args, model, self._blocks[p.name], p.name)
             self._cold_start[p.name] = cold_start_s(cfg, p.name)
-        need = sum(p.initial_replicas * p.tp for p in cfg.pools)
-        if need > cfg.num_gpus:
-            raise ValueError(f"initial replicas need {need} GPUs but the cluster has num_gpus={cfg.num_gpus}; lower "
-                             f"initial_replicas or raise num_gpus")
 
     def start_initial(self) -> None:
         for p in self.cfg.pools:
@@ -177,6 +239,7 @@ class Simulation:
 
     def __init__(self, table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,
                  *, progress: bool = False, controlled: bool = False):
+        check_progress(table, cfg, scaler, controlled)
         self.cfg = cfg
         self.env = env = simpy.Environment()
         self.backend = SimBackend(env, cfg)
@@ -224,14 +287,53 @@ class Simulation:
             self.front.release(rid)
 
     def _sampler(self):
+        """A sample every ``sample_interval_s``, except across long idle spans. While no call waits or is in a
+        replica, nothing changes until the next scheduled event (an arrival, the end of a think time, a control
+        interval, a cold start); if that is more than IDLE_SKIP_SAMPLES intervals away, the sampler sleeps until
+        the first sample time at or after it, so an idle gap of any length costs one event and no rows. Shorter
+        idle spans are sampled as any other, so row means over a run's time series stay time averages wherever
+        the cluster was idle less long. Not under an outside controller (``controlled``), which changes
+        replicas between events."""
+        env, dt = self.env, self.cfg.sample_interval_s
         while True:
-            self.front.sample(self.env.now)
-            yield self.env.timeout(self.cfg.sample_interval_s)
+            self.front.sample(env.now)
+            wait = dt
+            if not self.front.externally_scaled and self._idle():
+                ahead = env.peek() - env.now
+                if ahead == math.inf:
+                    raise StalledError(f"{self.front.graph.remaining} call(s) are unfinished, none is waiting or "
+                                       "being served, and nothing is scheduled that could release one")
+                if ahead > IDLE_SKIP_SAMPLES * dt:
+                    wait = math.ceil(ahead / dt) * dt
+            yield env.timeout(wait)
+
+    def _idle(self) -> bool:
+        front = self.front
+        return not any(front.pending.values()) and all(
+            self.backend.num_unfinished(r) == 0 for r in front.replicas.values() if r.state in LIVE)
 
     def _controller(self):
+        """The scaler decides every ``control_interval_s``. A pool whose calls wait while none of its replicas is
+        ready or starting is stalled; stalled for STALL_S (the scaler starts none, or no GPU is free for one), the
+        run cannot make progress and ends with a StalledError instead of running forever."""
+        front, stalled = self.front, {}
         while True:
             yield self.env.timeout(self.cfg.control_interval_s)
-            self.front.control()
+            front.control()
+            now = self.env.now
+            for pool, waiting in front.pending.items():
+                if not waiting or any(r.pool == pool and r.state in ("starting", "ready")
+                                      for r in front.replicas.values()):
+                    stalled.pop(pool, None)
+                elif now - stalled.setdefault(pool, now) >= STALL_S:
+                    oldest = front.ledger.calls[waiting[0]].release_s
+                    total, free = self.backend.gpus()
+                    raise StalledError(
+                        f"pool '{pool}': {len(waiting)} call(s) wait (the oldest for {now - oldest:.0f} s) and for "
+                        f"{now - stalled[pool]:.0f} s of simulated time no replica of the pool was ready or starting: "
+                        f"the scaler {type(front.scaler).__name__} started none ({free} of {total} GPUs free). Give "
+                        "the pool initial replicas, free GPUs for it, or use a scaler that starts replicas when calls "
+                        "wait")
 
 
 def simulate(table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from frontend.engine_args import add_flags, from_flags
 from sim.hardware import DEFAULT_GPU, GPU, ApiOverhead, EngineCalibration, get_gpu
 from sim.models import Model, load_model, num_gpu_blocks
 
@@ -412,41 +413,47 @@ def make_cost_model(gpu: str = DEFAULT_GPU, model: str = DEFAULT_MODEL, tp: int 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sim.costmodel", description="Time of one engine step and the KV capacity of one replica."
+        prog="python -m sim.costmodel", description="Time of one engine step and the KV capacity of one replica.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--gpu", default=DEFAULT_GPU, help=f"GPU name (default {DEFAULT_GPU})")
+    parser.add_argument("--gpu", default=DEFAULT_GPU, help="GPU name")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model short name or path of a config.json")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (GPUs per replica)")
-    parser.add_argument("--engine", default=None, help="engine generation: vllm-v1 (default on GPUs) or vllm-v0")
+    parser.add_argument("--engine", default=None,
+                        help="engine generation: vllm-v1 or vllm-v0 (None: the GPU's, vllm-v1 on GPUs)")
     parser.add_argument("--prefill", type=int, default=0, help="new tokens of one prefill chunk in the step")
     parser.add_argument("--prefill-cached", type=int, default=0, help="tokens of that prompt already in the KV cache")
     parser.add_argument("--decode-batch", type=int, default=0, help="decoding sequences in the step")
     parser.add_argument("--context", type=int, default=0, help="context length of each decoding sequence")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
+    flags = ("block_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype")
+    add_flags(parser, flags)
     args = parser.parse_args(argv)
     for name in ("prefill", "prefill_cached", "decode_batch", "context"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.decode_batch and not args.context:
+        parser.error("--decode-batch needs --context >= 1 (the context length of each decoding sequence)")
+    if args.prefill_cached and not args.prefill:
+        parser.error("--prefill-cached needs --prefill >= 1 (the new tokens of that prompt)")
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_dtype=args.kv_cache_dtype)
     try:
+        from_flags(args, flags)
         cm = make_cost_model(args.gpu, args.model, args.tp, args.engine, **engine_args)
     except ValueError as e:
         parser.error(str(e))
     prefill = [(args.prefill, args.prefill_cached)] if args.prefill else []
     context_sum = args.decode_batch * args.context
-    print(
-        f"{cm.model.name} on tp={cm.tp} x {cm.gpu.name} ({cm.engine.name}): prefill {args.prefill} new + "
-        f"{args.prefill_cached} cached tokens, {args.decode_batch} decodes at context {args.context}"
-    )
-    print(f"step time: {1e3 * cm.step_time(prefill, args.decode_batch, context_sum):.3f} ms "
-          f"({cm.mode(bool(prefill), args.prefill + args.decode_batch)})")
-    for group, ms in cm.breakdown(prefill, args.decode_batch, context_sum).items():
-        print(f"  {group:<18} {ms:9.3f} ms")
+    if not prefill and not args.decode_batch:
+        print(f"{cm.model.name} on tp={cm.tp} x {cm.gpu.name} ({cm.engine.name}): no step time, the step has no work; "
+              "give --prefill N (new prompt tokens) and/or --decode-batch N --context C")
+    else:
+        print(f"{cm.model.name} on tp={cm.tp} x {cm.gpu.name} ({cm.engine.name}): prefill {args.prefill} new + "
+              f"{args.prefill_cached} cached tokens, {args.decode_batch} decodes at context {args.context}")
+        print(f"step time: {1e3 * cm.step_time(prefill, args.decode_batch, context_sum):.3f} ms "
+              f"({cm.mode(bool(prefill), args.prefill + args.decode_batch)})")
+        for group, ms in cm.breakdown(prefill, args.decode_batch, context_sum).items():
+            print(f"  {group:<18} {ms:9.3f} ms")
     api = cm.api_overhead
     print(f"API overhead per call: {1e3 * api.before_first_token_s:.1f} ms before the first token, "
           f"{1e3 * api.after_finish_s:.1f} ms after the last")

@@ -40,25 +40,28 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pandas as pd
 
+from frontend.checks import check_choice, check_float, check_int
 from frontend.engine_args import EngineArgs
 from frontend.ledger import CallRecord
 from policies.api import ClusterObservation, Scaler
-from policies.registry import make_router, make_scaler
+from policies.registry import ROUTERS, SCALERS, make_router, make_scaler
 from policies.rl import FEATURE_CLIP, FeatureEncoder, Residual, check_max_offset, targets_from_action
 from sim.cluster import ClusterConfig, PoolConfig, Simulation
 from traces.arrivals import OnOff
-from traces.loaders import load_trace
+from traces.loaders import TRACES, load_trace
 from traces.schema import make_table
-from traces.workflow import make_workload
+from traces.workflow import WORKFLOWS, make_workload
 
 ENV_ID = "PythiaScaling-v0"
 SPLITS: dict[str, tuple[float, float]] = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 SEED_BASE: dict[str, int] = {"train": 0, "val": 2**31, "test": 2**32}
+MAX_HISTORY = 64  # control intervals an observation may stack
 
 
 @dataclass(frozen=True)
@@ -89,24 +92,42 @@ class EnvConfig:
     w_gpu: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"split '{self.split}' is not one of {list(SPLITS)}")
-        if not self.episode_s >= self.cluster.control_interval_s:
-            raise ValueError(f"episode_s={self.episode_s} must cover at least one control interval "
-                             f"({self.cluster.control_interval_s} s)")
-        lo, hi = self.initial_replicas
-        if not 1 <= lo <= hi:
-            raise ValueError(f"initial_replicas={self.initial_replicas} must be (low, high) with 1 <= low <= high")
-        for name in ("trace_rate_scale", "workflow_rate"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi or (name == "trace_rate_scale" and lo <= 0):
-                raise ValueError(f"{name}={getattr(self, name)} must be (low, high) with 0 < low <= high")
+        if not isinstance(self.cluster, ClusterConfig):
+            raise ValueError(f"EnvConfig.cluster={self.cluster!r} must be a ClusterConfig")
+        check_choice("EnvConfig.split", self.split, SPLITS)
+        check_choice("EnvConfig.router", self.router, ROUTERS)
+        for name in ("residual_of", "reward_baseline"):
+            if getattr(self, name) is not None:
+                check_choice(f"EnvConfig.{name}", getattr(self, name), SCALERS)
+        check_choice("EnvConfig.trace", self.trace, TRACES)
+        if self.workflow not in WORKFLOWS and not Path(self.workflow).is_file():
+            raise ValueError(f"EnvConfig.workflow={self.workflow!r} is neither a shipped workflow "
+                             f"({', '.join(WORKFLOWS)}) nor a workflow.yaml file")
+        check_float("EnvConfig.episode_s", self.episode_s, self.cluster.control_interval_s)
+        check_float("EnvConfig.trace_slo_s", self.trace_slo_s, 0.0, open_low=True)
+        self._check_range("initial_replicas", self.initial_replicas, 1, integer=True)
+        self._check_range("trace_rate_scale", self.trace_rate_scale, 0.0, open_low=True)
+        self._check_range("workflow_rate", self.workflow_rate, 0.0)
+        check_int("EnvConfig.max_offset", self.max_offset, 0)
         if self.residual_of is not None:
             check_max_offset(self.max_offset)
-        if self.history < 1 or self.min_replicas < 0:
-            raise ValueError(f"need history >= 1 and min_replicas >= 0; got {self.history}, {self.min_replicas}")
-        if self.w_slo < 0 or self.w_gpu < 0:
-            raise ValueError(f"reward weights must be >= 0, got w_slo={self.w_slo}, w_gpu={self.w_gpu}")
+        check_int("EnvConfig.history", self.history, 1, MAX_HISTORY)
+        check_int("EnvConfig.min_replicas", self.min_replicas, 0)
+        for name in ("w_slo", "w_gpu"):
+            check_float(f"EnvConfig.{name}", getattr(self, name), 0.0)
+
+    @staticmethod
+    def _check_range(name: str, pair: object, low: float, *, integer: bool = False, open_low: bool = False) -> None:
+        """A (low, high) pair drawn from uniformly: both in range, low <= high."""
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"EnvConfig.{name}={pair!r} must be a pair (low, high)")
+        for i, v in enumerate(pair):
+            if integer:
+                check_int(f"EnvConfig.{name}[{i}]", v, int(low))
+            else:
+                check_float(f"EnvConfig.{name}[{i}]", v, low, open_low=open_low)
+        if pair[0] > pair[1]:
+            raise ValueError(f"EnvConfig.{name}={pair!r}: low={pair[0]} is above high={pair[1]}")
 
     @property
     def pools(self) -> list[str]:

@@ -6,18 +6,24 @@ router + scaler, with vLLM engine arguments. ``simulate_scenario`` runs it; ``py
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from frontend.checks import check_choice, check_int, check_optional_float
 from frontend.engine_args import EngineArgs
 from frontend.metrics import summarize
 from frontend.results import Results
-from policies.registry import make_router, make_scaler
-from policies.systems import make_system, system
-from sim.cluster import ClusterConfig, PoolConfig, simulate
+from policies.registry import ROUTERS, SCALERS, make_router, make_scaler
+from policies.systems import SYSTEMS, make_system, system
+from sim.cluster import MAX_GPUS, ClusterConfig, PoolConfig, simulate
+from sim.hardware import get_gpu
+from sim.models import load_model
 from traces.loaders import TRACES
-from traces.workflow import make_workload
+from traces.workflow import WORKFLOWS, make_workload
+
+MAX_SEED = 2**32 - 1  # numpy's seeds, as experiments.run takes them
 
 
 @dataclass(frozen=True)
@@ -43,27 +49,63 @@ class Scenario:
     workload_options: dict = field(default_factory=dict)  # further make_workload keywords (traces: window_s, ...)
 
     def __post_init__(self) -> None:
+        check_workload(self.workload)
+        check_optional_float("Scenario.rate", self.rate, 0.0, open_low=True)
+        check_optional_float("Scenario.duration_s", self.duration_s, 0.0, open_low=True)
+        check_optional_float("Scenario.slo_s", self.slo_s, 0.0, open_low=True)
+        check_int("Scenario.seed", self.seed, 0, MAX_SEED)
+        check_int("Scenario.tp", self.tp, 1, MAX_GPUS)
+        check_int("Scenario.gpus", self.gpus, 1, MAX_GPUS)
+        if self.replicas is not None:
+            check_int("Scenario.replicas", self.replicas, 0, MAX_GPUS)
+        gpu = get_gpu(self.gpu)
+        if self.engine_version is not None:
+            check_choice(f"Scenario.engine_version (on {self.gpu})", self.engine_version, gpu.engines)
+        load_model(self.model).check_tp(self.tp)
+        for kind, name, known in (("system", self.system, SYSTEMS), ("router", self.router, ROUTERS),
+                                  ("scaler", self.scaler, SCALERS)):
+            if name is not None:
+                check_choice(f"Scenario.{kind}", name, known)
+        if not isinstance(self.workload_options, dict):
+            raise ValueError(f"Scenario.workload_options={self.workload_options!r} must be a dict of make_workload "
+                             "keywords")
         if (self.system is None) == (self.router is None):
             raise ValueError(f"Scenario: give exactly one of system (got {self.system!r}) or router (got "
                              f"{self.router!r})")
         if self.system is not None and self.scaler is not None:
             raise ValueError(f"Scenario: system {self.system!r} brings its own scaler; scaler={self.scaler!r} "
                              "goes with router=")
+        if self.tp > self.gpus:
+            raise ValueError(f"Scenario.tp={self.tp}: one replica needs {self.tp} GPUs but the cluster has "
+                             f"gpus={self.gpus}")
+        n = self.initial_replicas()
+        if n * self.tp > self.gpus:
+            raise ValueError(f"Scenario.replicas={n}: {n} replicas of tp={self.tp} need {n * self.tp} GPUs but the "
+                             f"cluster has gpus={self.gpus}; lower replicas or raise gpus")
+        self.cluster()  # the cluster's own checks (engine version on this GPU)
+
+    def initial_replicas(self) -> int:
+        """``replicas``, else the system's own choice, else one replica per ``tp`` GPUs."""
+        own = system(self.system).initial_replicas if self.system is not None else None
+        n = self.replicas if self.replicas is not None else own
+        return self.gpus // self.tp if n is None else n
 
     def cluster(self) -> ClusterConfig:
         """The simulated cluster: ``gpus`` GPUs of kind ``gpu``, one pool of ``model`` replicas on ``tp`` GPUs."""
-        if self.system is not None and self.replicas is None:
-            own = system(self.system).initial_replicas
-            replicas = self.gpus // self.tp if own is None else own
-        else:
-            replicas = self.gpus // self.tp if self.replicas is None else self.replicas
-        return ClusterConfig(gpu=self.gpu, num_gpus=self.gpus,
-                             pools=(PoolConfig(model=self.model, tp=self.tp, initial_replicas=replicas),),
-                             engine=self.engine, engine_version=self.engine_version)
+        pool = PoolConfig(model=self.model, tp=self.tp, initial_replicas=self.initial_replicas())
+        return ClusterConfig(gpu=self.gpu, num_gpus=self.gpus, pools=(pool,), engine=self.engine,
+                             engine_version=self.engine_version)
+
+    def window(self) -> int:
+        """The context window every call must fit: ``engine.max_model_len``, else the model's."""
+        return self.engine.max_model_len or load_model(self.model).max_position_embeddings
 
     def table(self) -> pd.DataFrame:
+        """The workload; agent conversations are compacted at the served window (as their harness would), unless
+        ``workload_options`` names another ``context_limit_tokens``."""
+        options = {"context_limit_tokens": self.window(), **self.workload_options}
         t = make_workload(self.workload, rate=self.rate, duration_s=self.duration_s if self.workload not in TRACES
-                          else None, seed=self.seed, **self.workload_options)
+                          else None, seed=self.seed, **options)
         if self.slo_s is not None:
             t = t.assign(slo_s=np.full(len(t), float(self.slo_s)))
         return t
@@ -72,14 +114,24 @@ class Scenario:
         return replace(self, **changes)
 
 
-def simulate_scenario(s: Scenario, *, progress: bool = False) -> Results:
-    """Run the scenario in the simulator (fresh policy objects every time)."""
+def check_workload(workload: object) -> None:
+    """A shipped workflow, a shared trace, or a workflow.yaml that exists."""
+    if not isinstance(workload, str) or not workload:
+        raise ValueError(f"Scenario.workload={workload!r} must be a workflow or trace name, or a workflow.yaml path")
+    if workload not in WORKFLOWS and workload not in TRACES and not Path(workload).is_file():
+        raise ValueError(f"Scenario.workload={workload!r} is not a shipped workflow ({', '.join(WORKFLOWS)}), not a "
+                         f"shared trace ({', '.join(TRACES)}) and no such file")
+
+
+def simulate_scenario(s: Scenario, *, progress: bool = False, table: pd.DataFrame | None = None) -> Results:
+    """Run the scenario in the simulator (fresh policy objects every time). ``table``: its workload, when already
+    built (``s.table()``, e.g. once for several systems on the same workload)."""
     if s.system is not None:
         p = make_system(s.system)
         router, scaler = p.router, p.scaler
     else:
         router, scaler = make_router(s.router), make_scaler(s.scaler) if s.scaler else None
-    return simulate(s.table(), s.cluster(), router, scaler, progress=progress)
+    return simulate(s.table() if table is None else table, s.cluster(), router, scaler, progress=progress)
 
 
 def summarize_scenario(s: Scenario) -> dict:

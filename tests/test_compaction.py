@@ -64,7 +64,7 @@ def test_a_workflow_that_cannot_fit_the_window_is_refused():
     with pytest.raises(WorkloadError, match=r"workflow 't', job t-0, agent 'a', call 0: prompt 9500 \+ output 50 "
                                             r"tokens exceed the context limit of 8192"):
         generate(parse_workflow(_loop_workflow(system=9000)), poisson(1.0), num_jobs=1, context_limit_tokens=8192)
-    with pytest.raises(WorkloadError, match="context_limit_tokens=0 must be an integer >= 1"):
+    with pytest.raises(WorkloadError, match=r"context_limit_tokens=0 must be an integer in \[1, 16777216\]"):
         generate(parse_workflow(_loop_workflow()), poisson(1.0), num_jobs=1, context_limit_tokens=0)
 
 

@@ -211,11 +211,27 @@ def test_shipped_configs_have_the_published_parameter_counts(name, billions):
     assert model.weight_bytes(1) / model.dtype_bytes / 1e9 == pytest.approx(billions, rel=5e-3)
 
 
-def test_every_registered_model_loads():
+# (query heads, KV heads, layers, head_dim) as each model card publishes them (tiny-llama: ../shared/notes/vllm-cpu.md)
+ATTENTION = {
+    "llama-2-7b": (32, 32, 32, 128), "llama-2-70b": (64, 8, 80, 128), "llama-3-8b": (32, 8, 32, 128),
+    "llama-3-70b": (64, 8, 80, 128), "llama-3.1-8b": (32, 8, 32, 128), "llama-3.1-70b": (64, 8, 80, 128),
+    "qwen2.5-7b": (28, 4, 28, 128), "qwen2.5-14b": (40, 8, 48, 128), "codellama-34b": (64, 8, 48, 128),
+    "internlm-20b": (40, 40, 60, 128), "qwen-72b": (64, 64, 80, 128), "phi-2": (32, 32, 32, 80),
+    "mixtral-8x7b": (32, 8, 32, 128), "qwen3-30b-a3b": (32, 4, 48, 128), "llama-3.1-8b-awq": (32, 8, 32, 128),
+    "tiny-llama": (4, 2, 2, 32),
+}
+
+
+def test_every_registered_model_loads_with_its_published_attention_geometry():
+    """Heads, KV heads (grouped-query attention: what sizes the KV cache), layers and head size as published; a
+    loader that dropped num_key_value_heads would give Llama-3.1-8B 32 KV heads and fail here."""
+    assert set(ATTENTION) == set(MODELS), "add the new model's published geometry to ATTENTION"
     for name in MODELS:
         model = load_model(name)
-        assert model.num_heads % model.num_kv_heads == 0
-        assert model.weight_bytes(1) > 0 and model.kv_bytes_per_token(1) > 0
+        assert (model.num_heads, model.num_kv_heads, model.num_layers, model.head_dim) == ATTENTION[name], name
+        assert model.kv_bytes_per_token(1) == 2 * model.num_layers * model.num_kv_heads * model.head_dim * \
+            model.dtype_bytes
+        assert model.weight_bytes(1) > 0
 
 
 def test_tiny_llama_matches_the_cpu_notes():
@@ -249,6 +265,12 @@ def test_bad_config_names_the_file_and_field(tmp_path):
         load_model(path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"broken\.json: not valid JSON \(line 1\)"):
+        load_model(path)
+    path.write_text(json.dumps({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
+                                "num_attention_heads": 8, "num_key_value_heads": 3, "vocab_size": 100,
+                                "max_position_embeddings": 512}))
+    with pytest.raises(ValueError, match=r"broken\.json: num_attention_heads=8 is not a multiple of "
+                                         r"num_key_value_heads=3"):
         load_model(path)
 
 

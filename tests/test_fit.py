@@ -18,14 +18,15 @@ from traces.loaders import TRACES, load_trace, read_sessions
 from traces.schema import WorkloadError
 from traces.workflow import WORKFLOWS, generate, load_workflow, parse_workflow, sample_jobs
 
+B = {"min": 1, "max": 100_000}  # token sizes must be bounded (a workflow's every sample lies in its field's range)
 KNOWN = {"name": "known", "hash_block_size": 16, "agents": {
-    "main": {"system_prompt_tokens": 2000, "initial_input_tokens": {"dist": "lognormal", "mean": 800, "cv": 0.5},
-             "input_tokens": {"dist": "lognormal", "mean": 300, "cv": 1.0},
-             "output_tokens": {"dist": "lognormal", "mean": 60, "cv": 1.0},
+    "main": {"system_prompt_tokens": 2000, "initial_input_tokens": {"dist": "lognormal", "mean": 800, "cv": 0.5, **B},
+             "input_tokens": {"dist": "lognormal", "mean": 300, "cv": 1.0, **B},
+             "output_tokens": {"dist": "lognormal", "mean": 60, "cv": 1.0, **B},
              "tool_time_s": {"dist": "exponential", "mean": 5.0}, "continues": "main"},
-    "sub": {"system_prompt_tokens": 1000, "input_tokens": {"dist": "lognormal", "mean": 900, "cv": 0.5},
+    "sub": {"system_prompt_tokens": 1000, "input_tokens": {"dist": "lognormal", "mean": 900, "cv": 0.5, **B},
             "output_tokens": 40, "tool_time_s": 2.0, "depends_on": ["main"], "probability": 0.05,
-            "fan_out": {"dist": "uniform", "low": 0.5, "high": 3.5},
+            "fan_out": {"dist": "uniform", "low": 0.5, "high": 3.5, "min": 1},
             "calls": {"dist": "uniform", "low": 2.5, "high": 8.5}}},
     "loops": [{"first": "main", "last": "sub", "iterations": {"dist": "uniform", "low": 10, "high": 40},
                "max_iterations": 40}]}

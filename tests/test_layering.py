@@ -79,13 +79,14 @@ def test_the_import_graph_has_no_circle():
 
 
 def test_every_module_imports_on_its_own():
-    """Each module in a fresh interpreter (so no module works only because another filled a registry first)."""
-    names = [m for m in _modules() if not m.endswith("__main__")]
-    code = ("import importlib, subprocess, sys\n"
-            "bad = []\n"
-            "for m in sys.argv[1:]:\n"
-            "    r = subprocess.run([sys.executable, '-c', f'import {m}'], capture_output=True, text=True)\n"
-            "    if r.returncode: bad.append((m, r.stderr.strip().splitlines()[-1]))\n"
-            "print(bad)\n")
-    r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+    """Each module in a fresh interpreter (so no module works only because another filled a registry first).
+    A module whose optional extra (rl, real) is not installed is passed over."""
+    bad = []
+    for m in _modules():
+        r = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
+        last = r.stderr.strip().splitlines()[-1] if r.returncode else ""
+        extra_missing = last.startswith("ModuleNotFoundError") and not any(f"'{p}" in last for p in PACKAGES)
+        if r.returncode and not extra_missing:
+            bad.append((m, last))
+    assert not bad, bad

@@ -386,10 +386,22 @@ def tiny_cfg(tmp_path_factory) -> RealConfig:
 
 
 @pytest.fixture(scope="session")
-def servers(tiny_cfg):
+def _server_pool(tiny_cfg):
     """Two tiny-model servers, one per core, shared by the real tests (started once: ~45 s)."""
     with Launcher(tiny_cfg.log_dir) as launcher:
         yield launcher, launcher.start(tiny_cfg, 2)
+
+
+@pytest.fixture
+def servers(_server_pool, tiny_cfg):
+    """The shared servers, each alive: a test that killed one gets it replaced before the next test, so the
+    tests pass in any order."""
+    launcher, pool = _server_pool
+    for i, server in enumerate(pool):
+        if probe(server.url, server.proc) != "ready":
+            launcher.stop(server)
+            pool[i] = launcher.start(tiny_cfg, 1)[0]
+    return launcher, pool
 
 
 def _attach(cfg: RealConfig, servers, **kw) -> RealConfig:

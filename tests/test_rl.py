@@ -16,7 +16,7 @@ gym = pytest.importorskip("gymnasium", reason="the RL tests need the 'rl' extra:
 pytest.importorskip("stable_baselines3", reason="the RL tests need the 'rl' extra: pip install -e '.[rl]'")
 from gymnasium.utils.env_checker import check_env
 
-from policies.api import ClusterObservation, PoolObservation, ReplicaView
+from policies.api import ClusterObservation, PoolObservation, ReplicaView, ScaleAction
 from policies.registry import make_router, make_scaler
 from policies.rl import (
     DEFAULT_CHECKPOINT,
@@ -151,10 +151,30 @@ def test_the_reward_is_relative_to_the_baseline_run_on_the_same_episode() -> Non
     assert total == pytest.approx(trim["reward"] - heuristic["reward"]) and total != 0.0
 
 
+class _Ramp:
+    """One replica more every interval (never fewer, so every replica it names holds its GPUs at once)."""
+
+    def __init__(self, first: int):
+        self.next = first
+
+    def decide(self, obs: ClusterObservation) -> ScaleAction:
+        self.next += 1
+        return ScaleAction({"default": self.next - 1})
+
+
 def test_rollout_plays_a_heuristic_scaler() -> None:
-    env = ScalingEnv(SMALL)
-    r = rollout(env, 0, make_scaler("pythia"))
-    assert r["steps"] > 0 and r["gpu_seconds"] > 0
+    """Every interval to the episode's end, the scaler decides, its targets are applied and the env's own (absolute)
+    numbers are summed: a scaler adding a replica per interval holds exactly 2 + 3 + ... + 8 GPUs x the interval."""
+    cfg = replace(SMALL, initial_replicas=(2, 2))
+    env = ScalingEnv(cfg)
+    dt = cfg.cluster.control_interval_s
+    steps = int(cfg.episode_s / dt) - 1  # the first interval runs in reset()
+    r = rollout(env, 0, _Ramp(2))
+    assert r["steps"] == steps == 7
+    assert r["gpu_seconds"] == dt * sum(range(2, 2 + steps))  # 8 GPUs: the last interval holds all of them
+    assert r["reward"] == pytest.approx(-(cfg.w_slo * r["slo_violations"] + cfg.w_gpu * r["gpu_seconds"]))
+    heuristic = rollout(env, 0, make_scaler("pythia"))
+    assert heuristic == rollout(env, 0, make_scaler("pythia")) and heuristic["steps"] == steps
 
 
 # --- encoder and action mapping ------------------------------------------------------------------
@@ -285,6 +305,52 @@ def test_a_mismatched_encoder_version_is_refused(trained, tmp_path) -> None:
         make_scaler("rl", path=other)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make_scaler("rl", path=tmp_path / "missing")
+
+
+def _checkpoint_like_shipped(tmp_path, name: str, *, zip_bytes: bytes | None = None, meta: object = None):
+    """A copy of the shipped checkpoint with its zip bytes or its JSON replaced."""
+    zip_path, json_path = checkpoint_paths(DEFAULT_CHECKPOINT)
+    stem = tmp_path / name
+    stem.with_suffix(".zip").write_bytes(zip_path.read_bytes() if zip_bytes is None else zip_bytes)
+    stem.with_suffix(".json").write_text(json_path.read_text() if meta is None else json.dumps(meta))
+    return stem
+
+
+def test_malformed_checkpoints_are_refused_naming_file_and_field(tmp_path) -> None:
+    import io
+    import zipfile
+
+    meta = read_checkpoint_meta(DEFAULT_CHECKPOINT)
+    swapped = list(meta["features"])
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    no_data = io.BytesIO()
+    with zipfile.ZipFile(no_data, "w") as z:
+        z.writestr("readme.txt", "not a policy")
+    zip_bytes = checkpoint_paths(DEFAULT_CHECKPOINT)[0].read_bytes()
+    cases = [
+        ("truncated", {"zip_bytes": zip_bytes[:1000]},
+         r"truncated\.zip: not a loadable stable-baselines3 PPO checkpoint"),
+        ("no_data", {"zip_bytes": no_data.getvalue()}, r"no_data\.zip: not a loadable stable-baselines3 PPO checkpoint "
+                                                       r"\(AssertionError"),
+        ("version_text", {"meta": {**meta, "encoder_version": str(ENCODER_VERSION)}},
+         rf"version_text\.json: field 'encoder_version' is '{ENCODER_VERSION}' \(a str\); expected the integer "
+         rf"{ENCODER_VERSION}"),
+        ("reordered", {"meta": {**meta, "features": swapped}},
+         r"reordered\.json: field 'features' differs from this code's encoder at position 0: the checkpoint has "
+         r"'ready_share', the encoder 'active_gpu_share'"),
+        ("fewer", {"meta": {**meta, "features": meta["features"][:-1]}}, r"fewer\.json: field 'features' differs .* "
+                                                                         r"position 23: .*'\(end of list\)'"),
+        ("no_features", {"meta": {k: v for k, v in meta.items() if k != "features"}},
+         r"no_features\.json: missing field 'features'"),
+        ("a_list", {"meta": [1, 2]}, r"a_list\.json: expected a JSON object of checkpoint fields, got a list"),
+        ("history_bool", {"meta": {**meta, "history": True}},
+         r"history_bool\.json: field 'history' is True \(a bool\)"),
+        ("no_pools", {"meta": {**meta, "pools": []}}, r"no_pools\.json: field 'pools' is \[\]; expected a non-empty"),
+    ]
+    for name, change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            make_scaler("rl", path=_checkpoint_like_shipped(tmp_path, name, **change))
+    assert isinstance(make_scaler("rl", path=_checkpoint_like_shipped(tmp_path, "intact")), RLScaler)
 
 
 def test_the_shipped_checkpoint_is_a_full_run_on_the_current_environment() -> None:

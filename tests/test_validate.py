@@ -31,10 +31,12 @@ HIT_RATE_TOLERANCE = 0.02  # same placement rules, same block hashing: the rates
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (the 'real' extra)")
 def test_quick_validation_matches_real_vllm(tmp_path):
-    df = validate.run(quick=True, seed=0, out=tmp_path)
+    from experiments.run import main
+
+    assert main(["validate", "--quick", "--out", str(tmp_path)]) == 0
     for name in ("validate.png", "validate.csv", "validate_calls.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
-    s = df.iloc[0]
+    s = pd.read_csv(tmp_path / "validate.csv").iloc[0]
     calls = pd.read_csv(tmp_path / "validate_calls.csv")
     print(s.to_string())
     assert s["calls"] == len(calls) == s["calls_ok_real"] == s["calls_ok_repeat"] == s["calls_ok_sim"]

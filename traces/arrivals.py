@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from traces.schema import WorkloadError
+from traces.schema import MAX_ROWS, WorkloadError
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Poisson:
     def times(self, rng: np.random.Generator, n: int | None = None, duration_s: float | None = None) -> np.ndarray:
         _check_horizon(n, duration_s)
         _check_positive("poisson rate", self.rate)
+        _check_count(f"poisson:{self.rate:g}", n, self.rate, duration_s)
         if n is not None:
             return np.cumsum(rng.exponential(1.0 / self.rate, n))
         out: list[np.ndarray] = []
@@ -54,8 +55,9 @@ class OnOff:
         _check_positive("onoff rate_on", self.rate_on)
         _check_positive("onoff mean_on_s", self.mean_on_s)
         _check_positive("onoff mean_off_s", self.mean_off_s)
-        if self.rate_off < 0:
-            raise WorkloadError(f"onoff rate_off={self.rate_off} must be >= 0")
+        if not (np.isfinite(self.rate_off) and self.rate_off >= 0):
+            raise WorkloadError(f"onoff rate_off={self.rate_off} must be a finite number >= 0")
+        _check_count(f"onoff at rate_on={self.rate_on:g}", n, max(self.rate_on, self.rate_off), duration_s)
         out: list[np.ndarray] = []
         count, t, on = 0, 0.0, True
         while (count < n) if n is not None else (t < duration_s):
@@ -89,6 +91,8 @@ class Replay:
                                 f"process with traces.loaders.resolve_arrivals")
         base = self.recorded / self.rate_scale
         period = float(base[-1]) + float(base[-1] - base[0]) / max(len(base) - 1, 1)
+        _check_count(f"replay:{self.trace}:{self.rate_scale:g}", n, len(base) / period if period > 0 else np.inf,
+                     duration_s)
         reps = -(-n // len(base)) if n is not None else int(duration_s // period) + 1
         times = (base[None, :] + period * np.arange(reps)[:, None]).ravel()
         return times[:n] if n is not None else times[times < duration_s]
@@ -146,6 +150,15 @@ def parse_arrivals(spec: ArrivalProcess | str | dict) -> ArrivalProcess:
 def _check_horizon(n: int | None, duration_s: float | None) -> None:
     if (n is None) == (duration_s is None):
         raise WorkloadError(f"arrival times: give exactly one of n={n} or duration_s={duration_s}")
+
+
+def _check_count(what: str, n: int | None, rate: float, duration_s: float | None) -> None:
+    """Refuse more arrivals than a workload may have rows (``n``, or ``rate`` x ``duration_s`` expected)."""
+    count = n if n is not None else rate * duration_s
+    if count > MAX_ROWS:
+        horizon = f"n={n}" if n is not None else f"{rate:g}/s x duration_s={duration_s:g} s"
+        raise WorkloadError(f"arrivals {what}: {horizon} is about {count:.3g} arrivals; a workload may have at most "
+                            f"{MAX_ROWS} rows (lower the rate or the duration)")
 
 
 def _check_positive(what: str, value: float) -> None:

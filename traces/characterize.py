@@ -158,12 +158,16 @@ def _powers(base: int, n: int) -> np.ndarray:
         return np.concatenate([[1], np.cumprod(np.full(max(n - 1, 0), base, dtype=np.uint64))]).astype(np.uint64)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawTextHelpFormatter):
+    """Defaults shown, epilog as written."""
+
+
 def main(argv: list[str] | None = None) -> None:
     from traces.loaders import TRACES, load_trace
     from traces.workflow import WORKFLOWS, make_workload
 
     about = "\n".join(f"  {n:22s} {spec.about}" for n, spec in TRACES.items())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Formatter,
                                      epilog=f"traces:\n{about}\nworkflows: {', '.join(WORKFLOWS)}")
     parser.add_argument("names", nargs="*", help="traces or workflows (default: all)")
     parser.add_argument("--json", action="store_true", help="print the full characterization as JSON")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from traces.schema import WorkloadError
+from traces.schema import MAX_TOKENS, WorkloadError
 
 DEFAULT_CONTEXT_LIMIT = 131_072  # max_position_embeddings of Llama-3.1-8B, the project's default model
 BODY_FRACTION = 8  # default body (summary + recent) = context limit // BODY_FRACTION
@@ -51,8 +51,11 @@ class Plan:
 
 
 def check_limit(limit: int | None, where: str) -> None:
-    if limit is not None and (int(limit) != limit or limit < 1):
-        raise WorkloadError(f"{where}: context_limit_tokens={limit} must be an integer >= 1 (or None: no limit)")
+    whole = isinstance(limit, int | np.integer | float) and not isinstance(limit, bool) and np.isfinite(limit) \
+        and int(limit) == limit
+    if limit is not None and not (whole and 1 <= limit <= MAX_TOKENS):
+        raise WorkloadError(f"{where}: context_limit_tokens={limit} must be an integer in [1, {MAX_TOKENS}] (or None: "
+                            "no limit)")
 
 
 def plan(prompt: int, output: int, head: int, block: int, limit: int | None, trigger: int | None = None,

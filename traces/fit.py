@@ -250,7 +250,8 @@ def fit_workflows(sessions: list[Session], trace: str) -> dict[str, Workflow]:
 
 def to_yaml_dict(wf: Workflow) -> dict:
     """A workflow as the YAML it was written from: defaults left out, constants as plain numbers, token
-    quantiles rounded to whole tokens, at least 1 (samples are rounded and clipped so anyway)."""
+    quantiles rounded to whole tokens, at least 1 (samples are rounded to whole tokens anyway, and a token size
+    must be at least 1), and a ``min`` that the rounded quantiles make redundant left out."""
     data = wf.model_dump(exclude_none=True, exclude_defaults=True)
     for spec in data["agents"].values():
         for key, value in list(spec.items()):
@@ -261,6 +262,8 @@ def to_yaml_dict(wf: Workflow) -> dict:
             elif isinstance(value, dict) and value.get("dist") == "empirical":
                 value["quantiles"] = [round(float(q), 1) if key == "tool_time_s" else max(1, int(round(q)))
                                       for q in value["quantiles"]]
+                if value.get("min", -np.inf) <= value["quantiles"][0]:
+                    value.pop("min", None)
     return data
 
 
@@ -274,7 +277,8 @@ def write(wf: Workflow, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--trace", default="claude-code-v8", help="agent-session trace to fit")
     parser.add_argument("--out", type=Path, default=WORKFLOWS_DIR, help="folder for the workflow YAMLs")
     parser.add_argument("--show", action="store_true", help="print the fitted shapes instead of writing workflows")

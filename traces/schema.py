@@ -40,6 +40,12 @@ FLOAT_COLS = [c for c, (k, _) in COLUMNS.items() if k == "float"]
 STR_COLS = [c for c, (k, _) in COLUMNS.items() if k == "str"]
 LIST_COLS = [c for c, (k, _) in COLUMNS.items() if k == "list"]
 
+# Bounds on sizes, so that a mistyped 1e12 is refused with its row instead of running out of memory: the longest
+# call any model serves (10 M-token windows exist) and far more rows than the largest shared trace.
+MAX_TOKENS = 2**24  # 16,777,216 tokens in one call's prompt, output or any token size of a workflow
+MAX_ROWS = 10_000_000  # calls in one workload table
+INT64_MAX = 2**63 - 1
+
 DEFAULTS = {
     "hash_block_size": 16, "session_id": "", "job_id": -1, "workflow": "", "agent": "",
     "think_s": 0.0, "slo_s": float("nan"), "expected_output_tokens": -1, "next_agents": "",
@@ -93,13 +99,24 @@ def make_table(rows: dict[str, object] | pd.DataFrame, source: str = "workload")
 
 
 def _as_int(values: np.ndarray, col: str) -> np.ndarray:
+    """int64, refusing values that are not whole numbers or do not fit (instead of wrapping around)."""
     arr = np.asarray(values)
+    if arr.dtype.kind in "iub" and not (arr.dtype.kind == "u" and arr.dtype.itemsize == 8):
+        return arr.astype(np.int64)
     if arr.dtype.kind == "f":
-        bad = ~np.isfinite(arr) | (arr != np.round(arr))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"row {i}: {col}={arr[i]!r} is not an integer")
-    return arr.astype(np.int64)
+        bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (np.abs(arr) >= 2.0**63)
+    else:  # uint64 or Python objects (e.g. ints beyond int64)
+        bad = np.fromiter((not _fits_int64(v) for v in arr), bool, len(arr))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"row {i}: {col}={arr[i]} is not an integer in [-2^63, 2^63)")
+    return np.asarray([int(v) for v in arr] if arr.dtype.kind == "O" else arr, dtype=np.int64)
+
+
+def _fits_int64(v: object) -> bool:
+    if isinstance(v, float | np.floating):
+        return bool(np.isfinite(v)) and float(v).is_integer() and abs(v) < 2.0**63
+    return isinstance(v, int | np.integer) and -INT64_MAX - 1 <= int(v) <= INT64_MAX
 
 
 def _as_int_list(v: object) -> list[int]:
@@ -120,11 +137,17 @@ def validate(df: pd.DataFrame, source: str = "workload") -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise WorkloadError(f"{source}: missing column(s) {missing}; build tables with traces.schema.make_table")
+    if len(df) > MAX_ROWS:
+        raise WorkloadError(f"{source}: {len(df)} calls; a workload may have at most {MAX_ROWS} (a shorter duration, "
+                            "a lower rate or a window of the trace)")
     ids = df["request_id"].to_numpy()
     _refuse(pd.Index(ids).duplicated(), source, lambda i: f"request_id {ids[i]} appears twice; ids must be unique")
-    for col, low in (("input_tokens", 1), ("output_tokens", 0)):
+    for col, low, high in (("request_id", 0, INT64_MAX), ("input_tokens", 1, MAX_TOKENS),
+                           ("output_tokens", 0, MAX_TOKENS), ("hash_block_size", 1, MAX_TOKENS),
+                           ("job_id", -1, INT64_MAX), ("expected_output_tokens", -1, MAX_TOKENS)):
         v = df[col].to_numpy()
-        _refuse(v < low, source, lambda i: f"{col}={v[i]} must be >= {low}")  # noqa: B023 (called at once)
+        _refuse((v < low) | (v > high), source,
+                lambda i: f"{col}={v[i]} must be in [{low}, {high}]")  # noqa: B023 (called at once)
     arr = df["arrival_s"].to_numpy()
     _refuse(~np.isfinite(arr) | (arr < 0), source, lambda i: f"arrival_s={arr[i]} must be a finite time >= 0")
     roots = np.flatnonzero(np.fromiter((len(p) == 0 for p in df["parents"]), bool, len(df)))
@@ -134,8 +157,10 @@ def validate(df: pd.DataFrame, source: str = "workload") -> pd.DataFrame:
                                     "must be in arrival order (sort them)")
     think = df["think_s"].to_numpy()
     _refuse(~np.isfinite(think) | (think < 0), source, lambda i: f"think_s={think[i]} must be finite and >= 0")
+    slo = df["slo_s"].to_numpy()
+    _refuse(~np.isnan(slo) & ~(np.isfinite(slo) & (slo > 0)), source,
+            lambda i: f"slo_s={slo[i]} must be a finite number > 0 (or NaN: no objective)")
     hbs = df["hash_block_size"].to_numpy()
-    _refuse(hbs < 1, source, lambda i: f"hash_block_size={hbs[i]} must be >= 1")
     inp = df["input_tokens"].to_numpy()
     for i, (blocks, size) in enumerate(zip(df["block_hashes"], hbs, strict=True)):
         if len(blocks) > -(-int(inp[i]) // int(size)):

@@ -27,6 +27,7 @@ The YAML is validated with pydantic; errors name the file, line and YAML path.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -34,16 +35,21 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from traces.arrivals import ArrivalProcess, Poisson
 from traces.compaction import DEFAULT_CONTEXT_LIMIT, check_limit, plan
 from traces.loaders import TRACES, load_trace, resolve_arrivals
-from traces.schema import WorkloadError
+from traces.schema import MAX_ROWS, MAX_TOKENS, WorkloadError
 from traces.sessions import Session, no_gc, sessions_to_table
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
 WORKFLOWS: dict[str, Path] = {p.stem: p for p in sorted(WORKFLOWS_DIR.glob("*.yaml"))}
+# Bounds on a workflow's counts (tokens: traces.schema.MAX_TOKENS), so that a mistyped 1e9 is refused at its line
+# instead of generating until memory runs out.
+MAX_FAN_OUT = 1024  # parallel copies of one agent activation
+MAX_CALLS = 10_000  # sequential calls of one copy (its tool loop), and loop iterations
+MAX_JOB_CALLS = 100_000  # calls of one job, all agents and loops together
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,7 +57,7 @@ WORKFLOWS: dict[str, Path] = {p.stem: p for p in sorted(WORKFLOWS_DIR.glob("*.ya
 
 
 class _Dist(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     min: float | None = None  # samples are clipped to [min, max]
     max: float | None = None
     _SIZES: ClassVar[tuple[str, ...]] = ()  # the parameters that scale with the samples
@@ -59,10 +65,20 @@ class _Dist(BaseModel):
     def sample(self, rng: np.random.Generator) -> float:
         return self._clip(self._draw(rng))
 
-    def scaled(self, factor: float):
-        """The distribution of ``factor`` x its samples (bounds included)."""
+    def bounds(self) -> tuple[float, float]:
+        """The smallest and largest value a sample can take (its support, clipped to [min, max])."""
+        lo, hi = self._support()
+        return self._clip(lo), self._clip(hi)
+
+    def scaled(self, factor: float, at_least: float | None = None):
+        """The distribution of ``factor`` x its samples (bounds included); with ``at_least``, samples below it are
+        raised to it (``min``), e.g. token sizes scaled below one token are one token."""
         fields = [*self._SIZES, *(k for k in ("min", "max") if getattr(self, k) is not None)]
-        return self.model_copy(update={k: _times(getattr(self, k), factor) for k in fields})
+        out = self.model_copy(update={k: _times(getattr(self, k), factor) for k in fields})
+        if at_least is not None and out.bounds()[0] < at_least:
+            raise_max = out.max is not None and out.max < at_least
+            out = out.model_copy(update={"min": at_least, **({"max": at_least} if raise_max else {})})
+        return out
 
     def expected(self) -> float:
         """Mean of the unclipped distribution, clipped to [min, max]: the front end's expectation."""
@@ -95,12 +111,24 @@ class Constant(_Dist):
     def _mean(self):
         return self.value
 
+    def _support(self):
+        return self.value, self.value
+
 
 class Uniform(_Dist):
     dist: Literal["uniform"]
     low: float
     high: float
     _SIZES = ("low", "high")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} is greater than high={self.high}")
+        return self
+
+    def _support(self):
+        return self.low, self.high
 
     def _draw(self, rng):
         return rng.uniform(self.low, self.high)
@@ -117,6 +145,9 @@ class LogNormal(_Dist):
     cv: float = Field(gt=0)
     _SIZES = ("mean",)
 
+    def _support(self):
+        return 0.0, np.inf
+
     def _draw(self, rng):
         sigma2 = np.log1p(self.cv ** 2)
         return rng.lognormal(np.log(self.mean) - sigma2 / 2, np.sqrt(sigma2))
@@ -129,6 +160,9 @@ class Exponential(_Dist):
     dist: Literal["exponential"]
     mean: float = Field(gt=0)
     _SIZES = ("mean",)
+
+    def _support(self):
+        return 0.0, np.inf
 
     def _draw(self, rng):
         return rng.exponential(self.mean)
@@ -143,9 +177,12 @@ class Geometric(_Dist):
     dist: Literal["geometric"]
     mean: float = Field(ge=1)
 
-    def scaled(self, factor: float):
+    def scaled(self, factor: float, at_least: float | None = None):
         raise WorkloadError(f"a geometric distribution (mean {self.mean}) counts tries and cannot be scaled by "
                             f"{factor}; give token sizes as another distribution")
+
+    def _support(self):
+        return 1.0, np.inf
 
     def _draw(self, rng):
         return float(rng.geometric(1.0 / self.mean))
@@ -167,6 +204,9 @@ class Empirical(_Dist):
             raise ValueError("quantiles must be non-decreasing")
         return self
 
+    def _support(self):
+        return self.quantiles[0], self.quantiles[-1]
+
     def _draw(self, rng):
         q = self.quantiles
         return float(np.interp(rng.random() * (len(q) - 1), np.arange(len(q)), q))
@@ -177,11 +217,37 @@ class Empirical(_Dist):
 
 
 def _number_is_constant(v: object) -> object:
+    if isinstance(v, str):
+        raise ValueError(f"{v!r} is text; write a number (e.g. 1000 or 1.0e+12) or a distribution "
+                         "({dist: lognormal, mean: 1000, cv: 0.5, min: 1, max: 8000})")
     return {"dist": "constant", "value": v} if isinstance(v, int | float) and not isinstance(v, bool) else v
 
 
 Dist = Annotated[Constant | Uniform | LogNormal | Exponential | Geometric | Empirical,
                  Field(discriminator="dist"), BeforeValidator(_number_is_constant)]
+
+
+def _within(low: float, high: float, unit: str):
+    """A check that every sample of a distribution lies in [low, high] (``unit`` names what it counts)."""
+    def check(d: _Dist) -> _Dist:
+        lo, hi = d.bounds()
+        if lo < low or hi > high:
+            allowed = f"the allowed [{_num(low)}, {_num(high)}] {unit}"
+            if isinstance(d, Constant):
+                raise ValueError(f"{_num(d.value)} is outside {allowed}")
+            raise ValueError(f"a {d.dist} distribution draws values in [{_num(lo)}, {_num(hi)}], beyond {allowed}; "
+                             "bound it with min and max")
+        return d
+    return AfterValidator(check)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+Tokens = Annotated[Dist, _within(1, MAX_TOKENS, "tokens")]
+TokensOrZero = Annotated[Dist, _within(0, MAX_TOKENS, "tokens")]
+Seconds = Annotated[Dist, _within(0, np.inf, "seconds")]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,20 +257,20 @@ Dist = Annotated[Constant | Uniform | LogNormal | Exponential | Geometric | Empi
 class Agent(BaseModel):
     """One agent (role) of a workflow."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
     role: str = ""
-    system_prompt_tokens: int = Field(ge=0)
-    static_context_tokens: Dist = 0  # leading tokens of the job's shared context that this agent reads
-    input_tokens: Dist  # new tokens per call (task, upstream results, tool output)
-    initial_input_tokens: Dist | None = None  # new tokens of a call that starts a conversation
-    output_tokens: Dist
+    system_prompt_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    static_context_tokens: TokensOrZero = 0  # leading tokens of the job's shared context that this agent reads
+    input_tokens: Tokens  # new tokens per call (task, upstream results, tool output)
+    initial_input_tokens: Tokens | None = None  # new tokens of a call that starts a conversation
+    output_tokens: Tokens
     depends_on: list[str] = []
-    fan_out: Dist = 1  # parallel copies per activation
-    calls: Dist = 1  # sequential calls per copy (its tool loop), each continuing the conversation
-    tool_time_s: Dist = 0  # think/tool time between the parents finishing and each call
+    fan_out: Annotated[Dist, _within(1, MAX_FAN_OUT, "copies")] = 1  # parallel copies per activation
+    calls: Annotated[Dist, _within(1, MAX_CALLS, "calls")] = 1  # sequential calls per copy (its tool loop)
+    tool_time_s: Seconds = 0  # think/tool time between the parents finishing and each call
     continues: str | None = None  # first call extends this agent's latest conversation in the job
-    compact_at_tokens: int | None = Field(None, ge=1)  # the harness compacts a longer prompt + output ...
-    compacted_tokens: Dist | None = None  # ... keeping its head + this many tokens (summary + recent turns)
+    compact_at_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # the harness compacts a longer call ...
+    compacted_tokens: Tokens | None = None  # ... keeping its head + this many tokens (summary + recent turns)
     probability: float = Field(1.0, ge=0, le=1)  # chance an activation runs (else it is skipped)
     slo_s: float | None = Field(None, gt=0)
 
@@ -218,18 +284,18 @@ class Agent(BaseModel):
 class Loop(BaseModel):
     """Agents from ``first`` to ``last`` (all agents on paths between them) run again after ``last``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     first: str
     last: str
-    iterations: Dist  # per job, clipped to [1, max_iterations]
-    max_iterations: int = Field(ge=1)
+    iterations: Annotated[Dist, _within(1, np.inf, "iterations")]  # per job, at most max_iterations
+    max_iterations: int = Field(ge=1, le=MAX_CALLS)
 
 
 class Workflow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     description: str = ""
-    hash_block_size: int = Field(16, ge=1)
+    hash_block_size: int = Field(16, ge=1, le=MAX_TOKENS)
     prompt_layout: Literal["system-first", "context-first"] = "system-first"
     slo_s: float | None = Field(None, gt=0)  # default end-to-end objective per call
     agents: dict[str, Agent] = Field(min_length=1)
@@ -332,8 +398,8 @@ def load_workflow(path_or_name: str | Path) -> Workflow:
                             f"and no such file")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -341,12 +407,32 @@ def load_workflow(path_or_name: str | Path) -> Workflow:
     return parse_workflow(data, str(path), node)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (it would keep the last silently) and reading numbers with
+    an exponent and no dot (``1e12``) as numbers, as YAML 1.2 does (YAML 1.1 reads them as text)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[object, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first at line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def parse_workflow(data: object, source: str = "workflow", node: yaml.Node | None = None) -> Workflow:
     """Validate a workflow given as a dict; errors list each bad field as file:line: yaml.path: message."""
     try:
         wf = Workflow.model_validate(data)
     except ValidationError as e:
-        problems = [(err["loc"], err["msg"]) for err in e.errors()]
+        problems = [(err["loc"], err["msg"].removeprefix("Value error, ")) for err in e.errors()]
         raise WorkloadError(_format(source, node, problems)) from None
     problems = _graph_errors(wf)
     if problems:
@@ -466,7 +552,7 @@ class _Job:
             if isinstance(unit, str):
                 done[unit] = self._activate(unit, self._deps(unit, done))
                 continue
-            n = int(np.clip(round(unit.iterations.sample(self.rng)), 1, unit.max_iterations))
+            n = min(round(unit.iterations.sample(self.rng)), unit.max_iterations)
             body = self.wf.loop_body(unit)
             for it in range(n):
                 for b in body:  # later iterations wait only for the loop itself (upstream is long done)
@@ -500,12 +586,12 @@ class _Job:
         if spec.probability < 1.0 and self.rng.random() >= spec.probability:
             return parents  # skipped: dependents wait for what it would have waited for
         ends = []
-        for lane in range(max(1, round(spec.fan_out.sample(self.rng)))):
+        for lane in range(round(spec.fan_out.sample(self.rng))):
             prev = None
             if spec.continues is not None:
                 prev = self.latest.get((spec.continues, lane)) or self.latest.get((spec.continues, 0))
             ps = parents
-            for step in range(max(1, round(spec.calls.sample(self.rng)))):
+            for step in range(round(spec.calls.sample(self.rng))):
                 call = self._call(a, spec, prev, ps, first=(step == 0 and prev is None))
                 prev, ps = call, [call.index]
             self.latest[(a, lane)] = prev
@@ -513,8 +599,12 @@ class _Job:
         return ends
 
     def _call(self, a: str, spec: Agent, prev: _Call | None, parents: list[int], first: bool) -> _Call:
+        if len(self.calls) == MAX_JOB_CALLS:
+            raise WorkloadError(f"workflow '{self.wf.name}', job {self.session_id}: agent '{a}' would make call "
+                                f"{MAX_JOB_CALLS + 1}; a job may have at most {MAX_JOB_CALLS} calls (lower fan_out, "
+                                "calls or loop iterations)")
         dist = spec.initial_input_tokens if (first and spec.initial_input_tokens is not None) else spec.input_tokens
-        new = (self.c.new(), 0, max(1, round(dist.sample(self.rng))))
+        new = (self.c.new(), 0, round(dist.sample(self.rng)))
         if prev is not None:
             segments, head = prev.segments + (prev.output, new), prev.head
         else:
@@ -524,12 +614,11 @@ class _Job:
             segments = tuple(s for s in start if s[2] > 0) + (new,)
             head = sum(s[2] for s in start)
         length = sum(s[2] for s in segments)
-        n_out = max(1, round(spec.output_tokens.sample(self.rng)))
+        n_out = round(spec.output_tokens.sample(self.rng))
         continues = -1 if prev is None else prev.index
         bounds = [b for b in (self.limit, spec.compact_at_tokens) if b is not None]
         if bounds and length + n_out > min(bounds):
-            body = None if spec.compacted_tokens is None else \
-                max(1, round(spec.compacted_tokens.sample(self.summary_rng)))
+            body = None if spec.compacted_tokens is None else round(spec.compacted_tokens.sample(self.summary_rng))
             step = plan(length, n_out, head, self.wf.hash_block_size, self.limit, spec.compact_at_tokens, body,
                         f"workflow '{self.wf.name}', job {self.session_id}, agent '{a}', call {len(self.calls)}")
             if step is not None:  # head + a new summary + the most recent tokens; the prefix cache misses once
@@ -544,14 +633,14 @@ class _Job:
         r["t"].append(max((r["t"][p] for p in parents), default=0.0) + think)
         r["input"].append(length)
         r["output"].append(n_out)
-        r["think"].append(max(0.0, think))
+        r["think"].append(think)
         r["parents"].append(list(parents))
         r["agent"].append(a)
         return call
 
     def _context(self, a: str, spec: Agent) -> int:
         if a not in self.context_tokens:
-            self.context_tokens[a] = max(0, round(spec.static_context_tokens.sample(self.rng)))
+            self.context_tokens[a] = round(spec.static_context_tokens.sample(self.rng))
         return self.context_tokens[a]
 
 
@@ -609,8 +698,17 @@ def sample_jobs(wf: Workflow, num_jobs: int, seed: int = 0,
     check_limit(context_limit_tokens, f"generate('{wf.name}')")
     contents = _Contents(wf.hash_block_size)
     system = {a: contents.new() for a in wf.agents}
+    jobs: list[Session] = []
+    calls = 0
     with no_gc():
-        return [_Job(wf, j, seed, contents, system, context_limit_tokens).run() for j in range(num_jobs)]
+        for j in range(num_jobs):
+            jobs.append(_Job(wf, j, seed, contents, system, context_limit_tokens).run())
+            calls += len(jobs[-1])
+            if calls > MAX_ROWS:
+                raise WorkloadError(f"workflow '{wf.name}': the first {j + 1} of {num_jobs} jobs already make {calls} "
+                                    f"calls; a workload may have at most {MAX_ROWS} (fewer jobs: a lower rate or a "
+                                    "shorter duration)")
+    return jobs
 
 
 def make_workload(name: str | Workflow, *, rate: float | None = None,
@@ -658,15 +756,17 @@ def scale_workflow(wf: Workflow, input_scale: float = 1.0, output_scale: float =
     agents = {}
     for a, spec in wf.agents.items():
         update = {"system_prompt_tokens": round(spec.system_prompt_tokens * input_scale),
-                  "output_tokens": spec.output_tokens.scaled(output_scale),
+                  "output_tokens": spec.output_tokens.scaled(output_scale, at_least=1),
                   "tool_time_s": spec.tool_time_s.scaled(tool_time_scale)}
-        for key in ("static_context_tokens", "input_tokens", "initial_input_tokens", "compacted_tokens"):
+        for key, at_least in (("static_context_tokens", None), ("input_tokens", 1), ("initial_input_tokens", 1),
+                              ("compacted_tokens", 1)):
             if getattr(spec, key) is not None:
-                update[key] = getattr(spec, key).scaled(input_scale)
+                update[key] = getattr(spec, key).scaled(input_scale, at_least)
         if spec.compact_at_tokens is not None:
             update["compact_at_tokens"] = max(1, round(spec.compact_at_tokens * input_scale))
         agents[a] = spec.model_copy(update=update)
-    return wf.model_copy(update={"agents": agents, "name": name or wf.name})
+    out = wf.model_copy(update={"agents": agents, "name": name or wf.name})
+    return parse_workflow(out.model_dump(), f"scale_workflow('{wf.name}', {input_scale:g}, {output_scale:g})")
 
 
 def scale_to_means(wf: Workflow, mean_input_tokens: float, mean_output_tokens: float, *, num_jobs: int = 200,
