@@ -138,9 +138,9 @@ def load_grid(path: Path, quick: bool = False) -> Grid:
     for combo in itertools.product(*axes.values()):
         setting = dict(zip(axes, combo, strict=True))
         p = base
-        for key, v in setting.items():
-            p = _apply(p, key, v)
         try:
+            for key, v in setting.items():
+                p = _apply(p, key, v)
             _check(p)
         except (ValueError, KeyError, TypeError) as e:
             at = ", ".join(f"{k}={v!r} (line {_where_line(entries, k, v)})" for k, v in setting.items())

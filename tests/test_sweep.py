@@ -61,14 +61,14 @@ def test_the_shipped_grids_load(tmp_path):
     ("system: vllm\ngpus: [2, true]\n", r"g.yaml:2: field 'gpus': True is not int"),
     ("system: vllm\nrate: .nan\n", r"g.yaml:2: field 'rate': nan is not a finite number"),
     ("system: vllm\ngpu:\n  - a100-40gb\n  - h900\n", r"g.yaml:4: field 'gpu': .*h900"),
-    ("system: [vllm, nosuch]\n", r"g.yaml:1: field 'system': unknown system 'nosuch'"),
-    ("system: vllm\nengine:\n  max_num_seqs: [64, 0]\n", r"g.yaml:3: field 'engine.max_num_seqs': .*integer >= 1"),
+    ("system: [vllm, nosuch]\n", r"g.yaml:1: field 'system': .*'nosuch'"),
+    ("system: vllm\nengine:\n  max_num_seqs: [64, 0]\n", r"g.yaml:3: field 'engine.max_num_seqs': .*max_num_seqs=0"),
     ("system: vllm\nengine: {max_seqs: 4}\n", r"g.yaml:2: unknown field 'engine.max_seqs'"),
     ("system: vllm\nseed: 1\nseed: 2\n", r"g.yaml:3: field 'seed' given twice \(first on line 2\)"),
     ("system: vllm\nseed: []\n", r"g.yaml:2: field 'seed' lists no values"),
     ("system: vllm\nrouter: round_robin\n", r"g.yaml:2: field 'router': .*exactly one of system"),
     ("workload: coding-assistant\n", r"g.yaml:1: field 'system' or 'router' is missing"),
-    ("system: vllm\nworkload: no-such-workflow\n", r"g.yaml:2: field 'workload': no workflow 'no-such-workflow'"),
+    ("system: vllm\nworkload: no-such-workflow\n", r"g.yaml:2: field 'workload': .*'no-such-workflow'"),
     ("system: vllm\nseed: [1, 1]\n", r"g.yaml:2: field 'seed' lists a value twice"),
     ("system: vllm\ngpus: [2, 4]\nplot: {x: gpu}\n", r"g.yaml:3: field 'plot.x': 'gpu' is not an axis"),
     ("- system: vllm\n", r"g.yaml:1: a grid is a mapping"),
@@ -81,8 +81,8 @@ def test_bad_grids_are_refused_naming_file_line_and_field(tmp_path, text, messag
 
 def test_a_combination_that_cannot_run_is_refused_naming_its_values(tmp_path):
     """Each value alone is fine on the first point (8 GPUs, 1 replica); 4 replicas on 2 GPUs are not."""
-    with pytest.raises(GridError, match=r"the point gpus=2 \(line 2\), replicas=4 \(line 3\) cannot run: initial "
-                                        r"replicas need 4 GPUs"):
+    with pytest.raises(GridError, match=r"the point gpus=2 \(line 2\), replicas=4 \(line 3\) cannot run: .*"
+                                        r"need 4 GPUs"):
         load_grid(grid_file(tmp_path, "system: vllm\ngpus: [8, 2]\nreplicas: [1, 4]\n"))
 
 
