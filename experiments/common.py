@@ -188,6 +188,9 @@ def ray_cluster(address: str | None) -> Iterator[None]:
             if address != "auto":
                 raise
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a throwaway local cluster reports to nobody
+            # Ray runs its workers at nice 15 by default; on a shared machine they then get a fraction of the CPU
+            # that --jobs' processes (at this process's niceness) get.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     _RAY["address"] = address
     try:

@@ -24,9 +24,13 @@ from experiments.run import main
 GRID = Path(__file__).resolve().parent / "grids" / "four-points.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _no_usage_reports(monkeypatch):
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+@pytest.fixture(autouse=True, scope="module")
+def _ray_environment():
+    """No usage reports from test clusters, and workers at this process's niceness (Ray's default is 15)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_worker_niceness", "0")
+        yield
 
 
 def _ray_processes() -> list[psutil.Process]:
