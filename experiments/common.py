@@ -181,6 +181,7 @@ def ray_cluster(address: str | None) -> Iterator[None]:
     import ray
 
     connected = ray.is_initialized()
+    handler = signal.getsignal(signal.SIGTERM)  # ray.init installs its own; ours unwinds (and shuts Ray down)
     if not connected:
         try:
             ray.init(address=address, log_to_driver=False)
@@ -192,6 +193,7 @@ def ray_cluster(address: str | None) -> Iterator[None]:
             # that --jobs' processes (at this process's niceness) get.
             os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        signal.signal(signal.SIGTERM, handler)
     _RAY["address"] = address
     try:
         yield
