@@ -161,8 +161,8 @@ def plot(meta: dict, summary: pd.DataFrame, df: pd.DataFrame, cfg: EnvConfig, ch
         plot_curve(pd.DataFrame(meta["curve"]), a, meta.get("selected_at"))
         a.set_title(f"training: PPO, {meta['timesteps']} steps, reward on validation windows", fontsize=10)
     for k, row in summary.iterrows():
-        color = f"C{k % 10}"
         is_rl, together = row["scaler"].startswith(RL), row["seeds"] > 1
+        color = "black" if together else f"C{k % 10}"
         if not together:
             pts = df[df["scaler"] == row["scaler"]]
             b.scatter(pts["gpu_seconds"], pts["slo_attainment"], s=6 if is_rl else 10, alpha=0.25, color=color)

@@ -275,8 +275,8 @@ def plot_seeds(metas: list[dict], ax: Axes | None = None) -> Figure | None:
         ax.scatter(kept["timesteps"], kept["reward"], marker="*", s=120, color=colors[label], edgecolor="black",
                    zorder=3)
     curve = pd.DataFrame(metas[0]["curve"])
-    for name, color in (("val pythia heuristic", "C2"), ("val static full", "C3")):
-        ax.axhline(curve.loc[curve["curve"] == name, "reward"].iloc[0], ls="--", lw=1, color=color,
+    for name, ls in (("val pythia heuristic", "--"), ("val static full", ":")):  # black: no seed's colour
+        ax.axhline(curve.loc[curve["curve"] == name, "reward"].iloc[0], ls=ls, lw=1.2, color="black",
                    label=f"{name[4:]} (reference)")
     ax.set_xlabel("training steps (control intervals)")
     ax.set_ylabel("reward per validation episode")
