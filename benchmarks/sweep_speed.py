@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="sweep-speed-") as tmp:
         for name, flags in ways:
+            load = os.getloadavg()[0]
             results[name] = timed_sweep(args.grid, Path(tmp) / name.replace(" ", "_"), flags, args.quick)
-            print(f"{name}: {results[name][0]:.1f} s", flush=True)
+            print(f"{name}: {results[name][0]:.1f} s (1-min load average before: {load:.1f}, after: "
+                  f"{os.getloadavg()[0]:.1f}; other work on the machine slows every way)", flush=True)
     serial_s, serial_rows = results["serial"]
     for name, (_, rows) in results.items():
         pd.testing.assert_frame_equal(serial_rows, rows, check_exact=True, obj=f"the rows of {name}")
