@@ -19,7 +19,7 @@ class Experiment:
     module: str
     description: str
     needs: str | None = None  # "rl" (stable-baselines3, torch) or "vllm" (real servers)
-    options: tuple[str, ...] = ()  # "timesteps", "real" (--backend real)
+    options: tuple[str, ...] = ()  # "timesteps", "seeds", "real" (--backend real), "grid" (a grid file)
 
     def runner(self) -> Callable[[Context], Output]:
         return importlib.import_module(self.module).run
@@ -39,7 +39,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "validate": Experiment("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, "
                                                    "hits, queues", needs="vllm"),
     "train-scaler": Experiment("experiments.train_scaler", "train the RL scaler (PPO on the simulator); writes a "
-                                                           "checkpoint", needs="rl", options=("timesteps",)),
+                                                           "checkpoint", needs="rl", options=("timesteps", "seeds")),
+    "sweep": Experiment("experiments.sweep", "a grid of what-if scenarios (GRID.yaml): one Parquet row per "
+                                           "point, resumable; a summary plot", options=("grid",)),
     "fig12": Experiment("experiments.fig12", "the RL scaler: training curve, SLO attainment vs GPU-seconds on "
                                              "held-out windows", needs="rl"),
 }
