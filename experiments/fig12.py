@@ -5,7 +5,7 @@ The policy is the shipped checkpoint (``policies/checkpoints/ppo-scaler``, train
 ``python -m experiments.run train-scaler``); when it was trained with several seeds (its JSON lists them),
 every seed's checkpoint (``ppo-scaler-seedN``) plays, because one seed can be lucky. Test episodes come from the
 ``test`` split of the environment it was trained on (trace windows and workflow jobs that training and
-validation never saw, see ``sim/env.py``), each replayed to completion with ``simulate`` under every scaler;
+validation never saw, see ``sim/episodes.py``), each replayed to completion with ``simulate`` under every scaler;
 all dynamic scalers start from the same ``INITIAL_REPLICAS``.
 
 Per scaler: the mean over test episodes with its 95 % interval (Student's t over episodes); for the learned
@@ -36,7 +36,7 @@ from frontend.metrics import gpus_series
 from policies.registry import make_router, make_scaler
 from policies.rl import DEFAULT_CHECKPOINT, read_checkpoint_meta
 from sim.cluster import simulate
-from sim.env import EnvConfig, sample_episode
+from sim.episodes import EnvConfig, sample_episode
 
 INITIAL_REPLICAS = 2  # what the dynamic scalers start from (as experiments.common's scaled systems)
 EPISODES = 30  # test episodes (--quick: 2); paired: every scaler plays the same ones

@@ -50,7 +50,8 @@ from experiments.output import Context, Output
 from experiments.plots import color_of, figure, plot_curve, setting
 from policies.registry import make_scaler
 from policies.rl import CHECKPOINT_FORMAT, ENCODER_VERSION, checkpoint_features, checkpoint_paths
-from sim.env import ENV_ID, EnvConfig, ScalingEnv, rollout
+from sim.env import ENV_ID, ScalingEnv, rollout
+from sim.episodes import EnvConfig
 
 NAME = "train-scaler"
 

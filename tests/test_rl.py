@@ -31,7 +31,8 @@ from policies.rl import (
     targets_from_action,
 )
 from sim.cluster import simulate
-from sim.env import ENV_ID, SPLITS, EnvConfig, ScalingEnv, rollout, sample_episode, trace_window
+from sim.env import ENV_ID, ScalingEnv, register, rollout
+from sim.episodes import SPLITS, EnvConfig, sample_episode, trace_window
 
 # Small episodes keep every test cheap; the defaults are exercised by the training test and fig12.
 SMALL = EnvConfig(episode_s=40.0, trace_rate_scale=(1.0, 1.5), workflow_rate=(0.1, 0.3))
@@ -42,7 +43,22 @@ def test_check_env_passes() -> None:
     check_env(ScalingEnv(SMALL), skip_render_check=True)
 
 
+def test_actions_outside_the_action_space_are_refused() -> None:
+    env = ScalingEnv(SMALL)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([KEEP], np.float32))
+    env.reset(seed=1)
+    with pytest.raises(ValueError, match=r"outside the action space"):
+        env.step(np.array([3.5], np.float32))  # the offset is at most max_offset = 3
+    with pytest.raises(ValueError, match=r"1 finite number"):
+        env.step(np.array([KEEP, KEEP], np.float32))
+    with pytest.raises(ValueError, match=r"1 finite number"):
+        env.step(np.array([np.nan], np.float32))
+    env.step(np.array([KEEP], np.float32))  # still usable after a refused action
+
+
 def test_registered_under_a_versioned_id() -> None:
+    register()
     env = gym.make(ENV_ID, config=SMALL)
     x, info = env.reset(seed=1)
     assert env.observation_space.contains(x)
