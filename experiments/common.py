@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from frontend.metrics import summarize  # noqa: E402
+from frontend.metrics import summarize_results  # noqa: E402
 from frontend.results import Results  # noqa: E402
 from policies.systems import System, make_system, system  # noqa: E402
 from sim.cluster import ClusterConfig, simulate  # noqa: E402
@@ -31,19 +31,20 @@ if TYPE_CHECKING:
 
 
 def run_system(table: pd.DataFrame, name: str, base: ClusterConfig) -> Results:
-    """Simulate ``table`` on ``base`` served by system ``name`` (with its own initial replica count)."""
+    """Simulate ``table`` on ``base`` served by system ``name`` (its policies, its engine arguments, its own initial
+    replica count)."""
     p = make_system(name)
-    return simulate(table, cluster_config(system(name), base), p.router, p.scaler)
+    return simulate(table, cluster_config(system(name), base), p.router, p.scaler, hooks=p.hooks)
 
 
 def cluster_config(sys: System, base: ClusterConfig) -> ClusterConfig:
     pool = base.pools[0]
     n = base.num_gpus // pool.tp if sys.initial_replicas is None else sys.initial_replicas
-    return replace(base, pools=(replace(pool, initial_replicas=n),))
+    return replace(base, pools=(replace(pool, initial_replicas=n),), engine=replace(base.engine, **sys.engine))
 
 
 def summary_row(res: Results, **labels: object) -> dict:
-    return {**labels, **summarize(res.requests, res.jobs, res.timeseries, res.cluster)}
+    return {**labels, **summarize_results(res)}
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def run_point_real(p: Point, servers: RealConfig) -> Results:
 
     sys, pol = system(p.system), make_system(p.system)
     n = servers.capacity if sys.initial_replicas is None else sys.initial_replicas
-    return real.execute(workload_table(p), replace(servers, num_replicas=n), pol.router, pol.scaler)
+    servers = replace(servers, num_replicas=n, engine=replace(servers.engine, **pol.engine))
+    return real.execute(workload_table(p), servers, pol.router, pol.scaler, hooks=pol.hooks)
 
 
 def summarize_point(p: Point, real: RealConfig | None = None) -> dict:

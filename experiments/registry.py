@@ -34,6 +34,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig10": Experiment("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
     "fig-shape": Experiment("experiments.fig_shape", "where predictability pays: throughput gain over vLLM vs "
                                                      "mean prompt x output, and vs the prefix-reuse bound"),
+    "fig-baselines": Experiment("experiments.fig_baselines", "the strong baselines (production-stack, SGLang, "
+                                                             "Autellix, Continuum, ThunderAgent) vs vLLM and Pythia "
+                                                             "on the agent workloads: JCT, p99, hits, GPU-seconds"),
     "table1": Experiment("experiments.table1", "the paper's table: vLLM vs Kubernetes autoscaler vs Pythia",
                          options=("real",)),
     "validate": Experiment("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, "

@@ -3,8 +3,15 @@
 A real deployment puts a router and a controller in front of its vLLM replicas. ``FrontEnd`` is that
 layer, written once: it releases calls (roots at their arrival time, dependents after their parents plus
 think time, ``frontend.graph``), routes each one with the ``Router``, holds calls while their pool has no
-ready replica, runs the ``Scaler`` every control interval (starting and draining replicas), samples every
-replica's metrics into the time series, and records everything in one ``Ledger`` and one ``Results``.
+ready replica, runs the ``Scaler`` every control interval (starting and draining replicas, setting KV quotas),
+samples every replica's metrics into the time series, and records everything in one ``Ledger`` and one
+``Results``.
+
+A system may add per-call policies (``policies.api.Hooks``): a predictor annotates each released call's hints; a
+gate may hold released calls and let them go at a control interval; a prioritizer gives each routed call its vLLM
+priority; when a call ends every policy that observes learns of it, then a retention policy may pin its blocks on
+its replica for a while and a prefetcher may warm replicas with prefixes (one-token calls that are not the
+workload's: ``Results.prefetches``). With no hooks the front end does exactly what it did without them.
 
 A backend only says how time passes and how a call is served (``Backend``): the simulator runs SimPy
 engines, the real executor streams HTTP calls to vLLM servers. Both call back into the front end when a
@@ -14,6 +21,7 @@ replica is ready, a call finished or failed.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -22,10 +30,22 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from frontend.engine_args import check_quotas
 from frontend.graph import CallGraph
 from frontend.ledger import Ledger, ReplicaMetrics
 from frontend.results import CLUSTER_COLUMNS, FAILURE_COLUMNS, TIMESERIES_COLUMNS, Results, job_table
-from policies.api import ClusterObservation, RequestInfo, Router, Scaler
+from policies.api import (
+    NO_HOOKS,
+    CallDone,
+    ClusterObservation,
+    Hooks,
+    Observer,
+    Prefetch,
+    RequestInfo,
+    Router,
+    ScaleAction,
+    Scaler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +129,21 @@ class Backend(Protocol):
         """(total, free) GPUs of the cluster, as the controller counts them (a CPU core counts as one)."""
         ...
 
-    def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
-        """Hand a routed call to ``replica``; the backend reports back with ``FrontEnd.call_finished`` (or
-        ``call_failed``)."""
+    def send(self, replica: Replica, info: RequestInfo, output_tokens: int, priority: int = 0) -> None:
+        """Hand a routed call to ``replica`` (with its vLLM ``priority``); the backend reports back with
+        ``FrontEnd.call_finished`` (or ``call_failed``)."""
+        ...
+
+    def pin(self, replica: Replica, info: RequestInfo, ttl_s: float) -> None:
+        """Keep the cached blocks of the ended call ``info``'s prompt on ``replica`` for ``ttl_s`` seconds."""
+        ...
+
+    def prefetch(self, replica: Replica, prefetch: Prefetch) -> None:
+        """Send a one-token call of ``prefetch``'s prefix to ``replica`` (not a call of the workload)."""
+        ...
+
+    def set_quotas(self, pool: str, quotas: Mapping[str, float]) -> None:
+        """Cap each agent's share of the KV blocks on every replica of ``pool`` (``ScaleAction.memory_quotas``)."""
         ...
 
     def metrics(self, replica: Replica) -> ReplicaMetrics: ...
@@ -137,7 +169,8 @@ class FrontEnd:
 
     def __init__(self, table: pd.DataFrame, pools: list[PoolSpec], router: Router, scaler: Scaler | None,
                  backend: Backend, *, agent_pools: Mapping[str, str] | None = None, control_interval_s: float,
-                 time_policies: bool = False, externally_scaled: bool = False, source: str = "workload"):
+                 time_policies: bool = False, externally_scaled: bool = False, source: str = "workload",
+                 hooks: Hooks = NO_HOOKS):
         names = [p.name for p in pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pools {names}: each pool needs its own name")
@@ -147,13 +180,19 @@ class FrontEnd:
             raise ValueError(f"agent_pools names pool(s) {unknown} that are not among the pools {names}")
         self.pools = {p.name: p for p in pools}
         self.graph = CallGraph(table, agent_pools, names[0], source)
-        self.router, self.scaler, self.backend = router, scaler, backend
+        self.router, self.scaler, self.backend, self.hooks = router, scaler, backend, hooks
+        self._observers: list[Observer] = []  # each policy object once, in the order of Observer's docstring
+        for p in (hooks.predictor, router, scaler, hooks.gate, hooks.prioritizer, hooks.retention, hooks.prefetcher):
+            if isinstance(p, Observer) and not any(p is q for q in self._observers):
+                self._observers.append(p)
+        self._learns = bool(self._observers) or hooks.retention is not None or hooks.prefetcher is not None
         self.control_interval_s = control_interval_s
         self.time_policies = time_policies  # measure route() in wall time (real runs; never in the simulator)
         self.externally_scaled = externally_scaled  # a controller outside (the RL environment) calls apply()
         self.ledger = Ledger()
         self.replicas: dict[int, Replica] = {}
         self.pending: dict[str, deque[int]] = {name: deque() for name in names}
+        self.held: dict[str, dict[int, None]] = {name: {} for name in names}  # calls the gate holds, in order
         self._ready: dict[str, tuple[Replica, ...]] = {}  # pool -> its ready replicas (cleared on state changes)
         self._census: tuple[list[Replica], int, dict[str, tuple[int, int, int]]] | None = None  # see census()
         self._views: dict[str, tuple[_RoutingView, ...]] = {}  # pool -> what its router sees of them
@@ -212,7 +251,7 @@ class FrontEnd:
         rep.state = state
         self.backend.stop_replica(rep)
 
-    def _stop_if_idle(self, rep: Replica) -> None:
+    def stop_if_idle(self, rep: Replica) -> None:
         if rep.state == "draining" and self.backend.num_unfinished(rep) == 0:
             self.retire(rep, "stopped")
 
@@ -221,6 +260,8 @@ class FrontEnd:
         """The call is released now: route it, hold it for its pool, or fail it if nothing can serve it.
         A call longer than its pool's ``max_model_len`` is refused, as vLLM's API server refuses it."""
         info, out = self.graph.infos[request_id], self.graph.output_tokens[request_id]
+        if self.hooks.predictor is not None:
+            info = self.graph.infos[request_id] = self.hooks.predictor.annotate(info, self.backend.now())
         self.ledger.release(info, out, self.backend.now())
         limit = self.pools[info.pool].max_model_len
         if info.input_tokens + max(out, 1) > limit:
@@ -233,6 +274,10 @@ class FrontEnd:
     def _dispatch(self, request_id: int) -> None:
         info = self.graph.infos[request_id]
         if self.ready(info.pool):
+            gate = self.hooks.gate
+            if gate is not None and not gate.admit(info, self._fresh_views(info.pool), self.backend.now()):
+                self.held[info.pool][request_id] = None
+                return
             self._route(info)
         elif self._can_recover(info.pool):
             self.pending[info.pool].append(request_id)
@@ -244,13 +289,18 @@ class FrontEnd:
         return (self.scaler is not None or self.externally_scaled
                 or any(r.pool == pool and r.state == "starting" for r in self.replicas.values()))
 
-    def _route(self, info: RequestInfo) -> None:
-        now, request_id = self.backend.now(), info.request_id
-        ready = self.ready(info.pool)
-        views = self._views[info.pool]
-        for v in self._read_views:  # what the last decision read is stale now
+    def _fresh_views(self, pool: str) -> tuple[_RoutingView, ...]:
+        """What a policy sees of ``pool``'s ready replicas now (the metrics the last decision read are stale)."""
+        self.ready(pool)
+        for v in self._read_views:
             v.forget()
         self._read_views.clear()
+        return self._views[pool]
+
+    def _route(self, info: RequestInfo) -> None:
+        now, request_id = self.backend.now(), info.request_id
+        views = self._fresh_views(info.pool)
+        ready = self.ready(info.pool)
         if self.time_policies:  # scrape before the clock starts: the overhead measured is the policy's alone
             for v in views:
                 v.num_running  # noqa: B018
@@ -262,7 +312,11 @@ class FrontEnd:
             raise RuntimeError(f"router {type(self.router).__name__} returned replica {choice}, which is not one of "
                                f"the ready replicas {[r.replica_id for r in ready]} of pool '{info.pool}'")
         self.ledger.routed(request_id, choice, now, overhead)
-        self.backend.send(rep, info, self.graph.output_tokens[request_id])
+        prioritizer = self.hooks.prioritizer
+        if prioritizer is None:
+            self.backend.send(rep, info, self.graph.output_tokens[request_id])
+        else:
+            self.backend.send(rep, info, self.graph.output_tokens[request_id], prioritizer.priority(info, now))
 
     def first_token(self, request_id: int, now: float) -> None:
         self.ledger.first_token(request_id, now)
@@ -272,7 +326,7 @@ class FrontEnd:
         """A replica finished the call."""
         self.ledger.finished(request_id, now, cached_tokens=cached_tokens, num_preemptions=num_preemptions,
                              scheduled_s=scheduled_s)
-        self._stop_if_idle(self.replicas[self.ledger.calls[request_id].replica_id])
+        self.stop_if_idle(self.replicas[self.ledger.calls[request_id].replica_id])
         self._call_done(request_id)
 
     def call_failed(self, request_id: int, replica_id: int, reason: str, retry: bool) -> None:
@@ -284,7 +338,7 @@ class FrontEnd:
         else:
             self._end(request_id, "failed", "call_failed", replica_id, reason)
         if replica_id in self.replicas:
-            self._stop_if_idle(self.replicas[replica_id])
+            self.stop_if_idle(self.replicas[replica_id])
 
     def recheck_pending(self, pool: str) -> None:
         """After a replica of ``pool`` died or failed to start: fail the calls that nothing can serve now."""
@@ -302,10 +356,40 @@ class FrontEnd:
         self._call_done(request_id)
 
     def _call_done(self, request_id: int) -> None:
+        if self._learns:
+            self._learn(request_id)
         for child in self.graph.done(request_id):
             self.backend.after(self.graph.think_s[child], lambda c=child: self.release(c))
         if self.on_call_done is not None:
             self.on_call_done(request_id)
+
+    def _learn(self, request_id: int) -> None:
+        """Tell the observing policies that the call ended; then, if it was served, ask the retention policy whether
+        to pin its blocks and the prefetcher what to warm."""
+        rec, info, now = self.ledger.calls[request_id], self.graph.infos[request_id], self.backend.now()
+        ok = rec.status == "ok"
+        done = CallDone(info, rec.replica_id, rec.status, rec.release_s, rec.first_token_s, rec.finish_s,
+                        max(rec.output_tokens, 1) if ok else 0, rec.cached_tokens, self.graph.last_of_job(request_id))
+        for policy in self._observers:
+            policy.observe(done)
+        rep = self.replicas.get(rec.replica_id)
+        if not ok or rep is None or rep.state not in ("ready", "draining"):
+            return
+        retention, prefetcher = self.hooks.retention, self.hooks.prefetcher
+        if retention is not None:
+            ttl = retention.retain_s(done, now)
+            if not ttl >= 0 or ttl == math.inf:
+                raise ValueError(f"retention policy {type(retention).__name__} returned retain_s={ttl!r} for request "
+                                 f"{request_id}; it must be a finite number of seconds >= 0")
+            if ttl > 0:
+                self.backend.pin(rep, info, ttl)
+        if prefetcher is not None and self.ready(info.pool):
+            for p in prefetcher.prefetch(done, self._fresh_views(info.pool), now):
+                target = self.replicas.get(p.replica_id)
+                if target is None or target.state != "ready" or target.pool != info.pool:
+                    raise RuntimeError(f"prefetcher {type(prefetcher).__name__} named replica {p.replica_id}, which "
+                                       f"is not one of the ready replicas of pool '{info.pool}'")
+                self.backend.prefetch(target, p)
 
     def failure(self, kind: str, replica_id: int, request_id: int, detail: str) -> None:
         self._failure_rows.append((self.backend.now(), kind, replica_id, request_id, detail))
@@ -329,7 +413,32 @@ class FrontEnd:
         assert self.scaler is not None
         obs = self.snapshot()
         self.close_interval()
-        self.apply(self.scaler.decide(obs).target_replicas)
+        action = self.scaler.decide(obs)
+        self.apply(action.target_replicas)
+        self.set_quotas(action)
+
+    def set_quotas(self, action: ScaleAction) -> None:
+        """The scaler's KV-memory quotas per agent, for every replica of the pools it names."""
+        for pool, quotas in sorted(action.memory_quotas.items()):
+            if pool not in self.pools:
+                raise ValueError(f"scaler {type(self.scaler).__name__} sets memory quotas for pool '{pool}'; the pools "
+                                 f"are {sorted(self.pools)}")
+            check_quotas(f"scaler {type(self.scaler).__name__}: memory_quotas['{pool}']", quotas)
+            self.backend.set_quotas(pool, quotas)
+
+    def tick_gate(self) -> None:
+        """The gate's control interval: per pool with ready replicas, route the held calls it lets go."""
+        gate = self.hooks.gate
+        assert gate is not None
+        for pool, held in self.held.items():
+            if not self.ready(pool):
+                continue
+            for request_id in gate.tick(self._fresh_views(pool), self.backend.now()):
+                if request_id not in held:
+                    raise RuntimeError(f"gate {type(gate).__name__} let request {request_id} go, which it does not "
+                                       f"hold in pool '{pool}'")
+                del held[request_id]
+                self._route(self.graph.infos[request_id])
 
     def apply(self, target: Mapping[str, int]) -> None:
         """Start or drain replicas toward ``target`` active (starting + ready) replicas per pool."""
@@ -351,7 +460,7 @@ class FrontEnd:
                                                       -r.replica_id))
                 for r in order[: len(active) - max(want, 0)]:
                     r.state = "draining"
-                    self._stop_if_idle(r)
+                    self.stop_if_idle(r)
 
     # --- results ---------------------------------------------------------------------------------------
     def sample(self, now: float) -> None:
@@ -362,7 +471,8 @@ class FrontEnd:
             m = metrics(r)
             rows.append((now, r.replica_id, r.pool, r.state, m.num_running, m.num_waiting, m.kv_usage))
         for name, (starting, ready, draining) in counts.items():
-            self._cl_rows.append((now, name, len(self.pending[name]), starting, ready, draining, gpus))
+            self._cl_rows.append((now, name, len(self.pending[name]) + len(self.held[name]), starting, ready,
+                                  draining, gpus))
 
     def results(self, config: object, **tables: pd.DataFrame) -> Results:
         requests = self.ledger.results()

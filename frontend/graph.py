@@ -7,6 +7,7 @@ the same ``CallGraph``; they differ only in how they wait.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -50,6 +51,12 @@ class CallGraph:
                 self._children.setdefault(int(p), []).append(rid)
         self.roots = [rid for rid, n in self._waiting_on.items() if n == 0]  # in arrival order (validated)
         self.remaining = len(ids)
+        self._job_left = Counter(i.job_id for i in self.infos.values())  # calls of each job not finished
+
+    def last_of_job(self, request_id: int) -> bool:
+        """Whether ``request_id`` is the last unfinished call of its job (a job id -1 is no job)."""
+        job = self.infos[request_id].job_id
+        return job >= 0 and self._job_left[job] == 1
 
     def __len__(self) -> int:
         return len(self.infos)
@@ -58,6 +65,7 @@ class CallGraph:
         """Count ``request_id`` as finished; return the calls it was the last parent of (release each after its
         ``think_s``)."""
         self.remaining -= 1
+        self._job_left[self.infos[request_id].job_id] -= 1
         released = []
         for child in self._children.get(request_id, ()):
             self._waiting_on[child] -= 1

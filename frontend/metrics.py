@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from frontend.results import Results
+
 
 def _pct(values: pd.Series | np.ndarray, q: float) -> float:
     v = np.asarray(values, dtype=float)
@@ -15,9 +17,11 @@ def _pct(values: pd.Series | np.ndarray, q: float) -> float:
 
 
 def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFrame,
-              cluster: pd.DataFrame | None = None) -> dict[str, float | int]:
-    """Per-run summary: throughput, latency percentiles, hit rate, memory-utilization spread, queue, JCT. Counts
-    (calls, failures, queue length, preemptions) are integers, so tables of summaries write them as such."""
+              cluster: pd.DataFrame | None = None, *, prefetches: pd.DataFrame | None = None,
+              retention: pd.DataFrame | None = None) -> dict[str, float | int]:
+    """Per-run summary: throughput, latency percentiles, hit rate, memory-utilization spread, queue, JCT, and with
+    the run's prefetch and retention tables their totals. Counts (calls, failures, queue length, preemptions,
+    prefetches, tokens) are integers, so tables of summaries write them as such."""
     ok = requests[requests["status"] == "ok"]
     e2e = ok["finish_s"] - ok["release_s"]
     ttft = ok["first_token_s"] - ok["release_s"]
@@ -44,7 +48,18 @@ def summarize(requests: pd.DataFrame, jobs: pd.DataFrame, timeseries: pd.DataFra
     if cluster is not None and len(cluster):
         dt = gpus_series(cluster)
         out["gpu_seconds"] = float((dt * np.diff(np.append(dt.index.to_numpy(), dt.index[-1]))).sum())
+    if prefetches is not None:
+        out["prefetches"] = len(prefetches)
+    if retention is not None:
+        out["pinned_block_s"] = float(retention["pinned_block_s"].sum())
+        out["pinned_hit_tokens"] = int(retention["pinned_hit_tokens"].sum())
     return out
+
+
+def summarize_results(res: Results) -> dict[str, float | int]:
+    """``summarize`` of every table of one run."""
+    return summarize(res.requests, res.jobs, res.timeseries, res.cluster, prefetches=res.prefetches,
+                     retention=res.retention)
 
 
 def mem_util_cv(timeseries: pd.DataFrame) -> float:

@@ -16,7 +16,8 @@ import pandas as pd
 TIMESERIES_COLUMNS = ["t", "replica_id", "pool", "state", "num_running", "num_waiting", "kv_usage"]
 # One row per pool per sample; gpus_in_use counts the whole cluster's GPUs held (a CPU core counts as one).
 CLUSTER_COLUMNS = ["t", "pool", "pending", "starting", "ready", "draining", "gpus_in_use"]
-# Kinds: replica_died, start_failed, call_failed, call_retried, call_rejected.
+# Kinds: replica_died, start_failed, call_failed, call_retried, call_rejected; and unsupported, a notice (once per
+# mechanism) that a system asked the backend for something it cannot do (real vLLM cannot pin KV blocks).
 FAILURE_COLUMNS = ["t", "kind", "replica_id", "request_id", "detail"]
 # Real runs: one row per server (pid -1 when attached).
 SERVER_COLUMNS = ["replica_id", "pool", "url", "pid", "placement", "start_s", "ready_s", "stop_s", "state"]
@@ -24,6 +25,15 @@ SERVER_COLUMNS = ["replica_id", "pool", "url", "pid", "placement", "start_s", "r
 # measured during the run (its last scrape minus its first).
 ENGINE_COLUMNS = ["replica_id", "phase", "sum_s", "count"]
 TOKEN_TIME_COLUMNS = ["request_id", "t"]
+# One row per prefetch (a one-token call of a prefix, not a call of the workload): sent at t, done at finish_s
+# (NaN: it failed), with the prompt tokens the engine already had (cached_tokens).
+PREFETCH_COLUMNS = ["t", "replica_id", "num_tokens", "cached_tokens", "finish_s"]
+# Simulator: one row per replica, its KV pins (Engine.pin): how many were made and how each ended (used by the
+# program's next call, expired, yielded to memory pressure), pinned blocks x seconds, and the prompt tokens of the
+# programs' next calls that hit blocks a pin held (hits the pins may have bought: without them those blocks were
+# free, and perhaps still cached).
+RETENTION_COLUMNS = ["replica_id", "pins", "pins_used", "pins_expired", "pins_yielded", "pinned_block_s",
+                     "pinned_hit_tokens"]
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
@@ -43,6 +53,8 @@ class Results:
     servers: pd.DataFrame = field(default_factory=lambda: _empty(SERVER_COLUMNS))
     engine: pd.DataFrame = field(default_factory=lambda: _empty(ENGINE_COLUMNS))
     token_times: pd.DataFrame = field(default_factory=lambda: _empty(TOKEN_TIME_COLUMNS))
+    prefetches: pd.DataFrame = field(default_factory=lambda: _empty(PREFETCH_COLUMNS))
+    retention: pd.DataFrame = field(default_factory=lambda: _empty(RETENTION_COLUMNS))
 
     def summary(self) -> str:
         """Calls ok and failed, replica failures, and the router's decision time per call."""

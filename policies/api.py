@@ -35,6 +35,13 @@ class RequestInfo:
     parents: tuple[int, ...] = ()  # request ids this call waited for (its job's DAG, as the front end released it)
 
 
+def program_of(request: RequestInfo) -> str:
+    """The program (agent run) a call belongs to, as a front end knows it: its job, else its session, else itself."""
+    if request.job_id >= 0:
+        return f"job:{request.job_id}"
+    return f"session:{request.session_id}" if request.session_id else f"call:{request.request_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaView:
     """One replica as exported by vLLM's /metrics, plus the front end's own count of what it sent there."""
@@ -115,6 +122,8 @@ class CallDone:
     finish_s: float
     output_tokens: int  # tokens generated
     cached_tokens: int  # prompt tokens the engine served from its prefix cache (vLLM's usage.cached_tokens)
+    program_done: bool = False  # its job has no call left: the program ended (an agent harness says so, e.g. to
+    #                             ThunderAgent's release_program)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,30 @@ class Router(Protocol):
 @runtime_checkable
 class Scaler(Protocol):
     def decide(self, obs: ClusterObservation) -> ScaleAction: ...
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """A policy that learns from the calls that end. The front end tells every policy of a system that has an
+    ``observe`` (router, scaler, gate, prioritizer, retention, prefetcher; the predictor first) of every call that
+    ends, in that order, before it asks the retention and prefetch policies about the call."""
+
+    def observe(self, done: CallDone) -> None: ...
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """A waiting queue of the front end's own, before routing (ThunderAgent's program-aware global queue): it may
+    hold a released call instead of routing it, and let held calls go later. A held call counts as pending."""
+
+    def admit(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> bool:
+        """Route ``request`` now (True), or hold it (False)."""
+        ...
+
+    def tick(self, replicas: Sequence[ReplicaView], now: float) -> list[int]:
+        """Every control interval, per pool (``replicas``: its ready ones): the held calls of that pool to route now
+        (request ids, in that order)."""
+        ...
 
 
 @runtime_checkable
@@ -172,3 +205,18 @@ class Predictor(Protocol):
     def annotate(self, request: RequestInfo, now: float) -> RequestInfo: ...
 
     def observe(self, done: CallDone) -> None: ...
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The per-call policies a system may add to its router and scaler (None: not used). The front end calls them;
+    the engine mechanisms they drive (priority scheduling, pins, prefetch calls) are the backends'."""
+
+    prioritizer: Prioritizer | None = None
+    retention: Retention | None = None
+    prefetcher: Prefetcher | None = None
+    predictor: Predictor | None = None
+    gate: Gate | None = None
+
+
+NO_HOOKS = Hooks()  # routing and scaling only

@@ -26,7 +26,7 @@ def _ids(replicas: Sequence[ReplicaView]) -> list[int]:
     return sorted(r.replica_id for r in replicas)
 
 
-def _least_loaded(replicas: Sequence[ReplicaView]) -> ReplicaView:
+def least_loaded(replicas: Sequence[ReplicaView]) -> ReplicaView:
     return min(replicas, key=lambda r: (r.outstanding_tokens, r.outstanding_requests, r.replica_id))
 
 
@@ -133,7 +133,7 @@ class LeastLoaded:
     """The replica with the fewest outstanding tokens (prompt + expected output of unfinished calls)."""
 
     def route(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> int:
-        return _least_loaded(replicas).replica_id
+        return least_loaded(replicas).replica_id
 
 
 @dataclass
@@ -150,7 +150,7 @@ class PowerOfTwo:
         ordered = sorted(replicas, key=lambda r: r.replica_id)
         if len(ordered) == 1:
             return ordered[0].replica_id
-        return _least_loaded(self._rng.sample(ordered, 2)).replica_id
+        return least_loaded(self._rng.sample(ordered, 2)).replica_id
 
 
 @dataclass
@@ -164,8 +164,45 @@ class SessionAffinity:
     def route(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> int:
         key = request.session_id or (f"job:{request.job_id}" if request.job_id >= 0 else "")
         if not key:
-            return _least_loaded(replicas).replica_id
+            return least_loaded(replicas).replica_id
         return max(_ids(replicas), key=lambda rid: _stable_hash(f"{key}|{rid}"))
+
+
+@dataclass
+class ProductionStack:
+    """The vLLM production-stack router (vllm-project/production-stack, ``vllm_router/routers/routing_logic.py``), in
+    its session mode with overload protection (``cache_aware_load_balancing``): a call of a session (its session id,
+    else its job) goes to the session's replica on a consistent-hash ring, unless that replica has
+    ``tolerate_waiting_requests`` (the stack's default 20) or more calls waiting (vllm:num_requests_waiting); then to
+    the replica with the fewest waiting (the stack breaks ties by p50 latency, here by outstanding calls and id),
+    the session's own if every replica is over. A call with neither session nor job goes where the longest prefix it
+    shares was sent (its ``prefixaware`` mode, a prefix trie of its own), else to the least loaded.
+
+    Differences: the ring is rendezvous hashing (as ``SessionAffinity``), which like the stack's uhashring moves only
+    the sessions of a replica that leaves or joins; the prefix fallback breaks ties by load, not at random."""
+
+    tolerate_waiting_requests: int = 20
+    _prefixes: RoutedPrefixes = field(default_factory=RoutedPrefixes, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tolerate_waiting_requests < 1:
+            raise ValueError(f"tolerate_waiting_requests must be >= 1, got {self.tolerate_waiting_requests}")
+
+    def route(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> int:
+        key = request.session_id or (f"job:{request.job_id}" if request.job_id >= 0 else "")
+        if not key:
+            matched = self._prefixes.matched_tokens(request, replicas)
+            chosen = min(replicas, key=lambda r: (-matched[r.replica_id], r.outstanding_tokens, r.replica_id))
+            self._prefixes.record(request, chosen)
+            return chosen.replica_id
+        home = max(replicas, key=lambda r: _stable_hash(f"{key}|{r.replica_id}"))
+        limit = self.tolerate_waiting_requests
+        if home.num_waiting < limit:
+            return home.replica_id
+        calm = [r for r in replicas if r.num_waiting < limit]
+        if not calm:
+            return home.replica_id
+        return min(calm, key=lambda r: (r.num_waiting, r.outstanding_requests, r.replica_id)).replica_id
 
 
 def _stable_hash(text: str) -> int:

@@ -34,10 +34,13 @@ class CallOutcome:
 
 
 async def stream_completion(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                            clock: Callable[[], float]) -> CallOutcome:
-    """Send one call to the server at ``url``; times come from ``clock`` (the executor's run clock)."""
+                            clock: Callable[[], float], priority: int = 0) -> CallOutcome:
+    """Send one call to the server at ``url``; times come from ``clock`` (the executor's run clock). A ``priority``
+    other than 0 needs a server started with ``--scheduling-policy priority`` (vLLM refuses it otherwise)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
+    if priority:
+        body["priority"] = priority
     token_times: list[float] = []
     usage: dict | None = None
     try:

@@ -12,6 +12,12 @@ simulator's ``ClusterConfig.agent_pools`` (others to the first pool), and the sc
 A replica that dies mid-run (its process exits, or its /health stops answering after a call or a
 scrape failed) is taken out of routing; its in-flight calls are marked failed, or re-routed when
 ``retry_failed`` is set. Every such event is a row of ``Results.failures``: nothing is lost silently.
+
+A system's engine mechanisms: priority scheduling runs on vLLM's own (``--scheduling-policy priority`` on the
+servers, each call's ``priority`` in its request), and a prefetch is a real one-token call of the prefix
+(``Results.prefetches``). vLLM 0.32 cannot pin KV blocks, cap an agent's KV share or admit by predicted KV need
+(its ``kv_hints`` reach only the KV-offloading connector, ``session_id`` only the KV events): a run asked for one
+of those says so once in an "unsupported" row of ``Results.failures`` and goes on without it.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import pandas as pd
 
 from frontend.core import FrontEnd, PoolSpec, Replica
 from frontend.ledger import ReplicaMetrics
-from frontend.results import ENGINE_COLUMNS, SERVER_COLUMNS, TOKEN_TIME_COLUMNS, Results
-from policies.api import RequestInfo, Router, Scaler
+from frontend.results import ENGINE_COLUMNS, PREFETCH_COLUMNS, SERVER_COLUMNS, TOKEN_TIME_COLUMNS, Results
+from policies.api import NO_HOOKS, Hooks, Prefetch, RequestInfo, Router, Scaler
 from real.client import CallError, fetch_text, stream_completion
 from real.config import RealConfig, pools_of
 from real.launcher import Launcher, Server, ServerStartError, probe, stop_server
@@ -58,7 +64,7 @@ class _Server:
 
 def execute(table: pd.DataFrame, cfg: RealConfig | Sequence[RealConfig], router: Router,
             scaler: Scaler | None = None, *, time_scale: float = 1.0,
-            agent_pools: Mapping[str, str] | None = None) -> Results:
+            agent_pools: Mapping[str, str] | None = None, hooks: Hooks = NO_HOOKS) -> Results:
     """Replay ``table`` on real vLLM servers (launched from ``cfg``, or ``cfg.urls``) and return the results.
 
     ``cfg`` is one pool, or a sequence of pools with distinct ``RealConfig.pool`` names and devices;
@@ -68,6 +74,8 @@ def execute(table: pd.DataFrame, cfg: RealConfig | Sequence[RealConfig], router:
     time_scale`` wall seconds after all initial replicas are ready (t=0), and think times scale alike;
     control and scrape intervals are wall time. Result times are wall seconds since t=0. Calls with
     ``output_tokens`` 0 generate one token (vLLM's minimum). Launched servers are stopped on every exit path.
+    ``hooks``: a system's per-call policies (``policies.systems.make_system``); its engine arguments go in each
+    ``RealConfig.engine``.
     """
     validate(table, "execute(table)")
     if not time_scale > 0:
@@ -75,7 +83,7 @@ def execute(table: pd.DataFrame, cfg: RealConfig | Sequence[RealConfig], router:
     agent_pools = agent_pools or {}
     pools = pools_of(cfg, agent_pools)
     first = next(iter(pools.values()))
-    run = _Run(table, pools, router, scaler, time_scale, agent_pools)
+    run = _Run(table, pools, router, scaler, time_scale, agent_pools, hooks)
     launch = any(c.launch for c in pools.values())
     with Launcher(first.log_dir or None) if launch else contextlib.nullcontext() as launcher:
         run.launcher = launcher
@@ -87,7 +95,7 @@ class _Run:
     """One real run: the ``Backend`` of its ``FrontEnd``, and the asyncio tasks that drive it."""
 
     def __init__(self, table: pd.DataFrame, pools: dict[str, RealConfig], router: Router, scaler: Scaler | None,
-                 time_scale: float, agent_pools: Mapping[str, str]):
+                 time_scale: float, agent_pools: Mapping[str, str], hooks: Hooks):
         self.pools, self.time_scale = pools, time_scale
         self.cfg = next(iter(pools.values()))  # the executor settings (EXECUTOR_FIELDS), equal in every pool
         self.launcher: Launcher | None = None
@@ -95,11 +103,13 @@ class _Run:
         specs = [PoolSpec(name, c.gpus_per_replica, c.resolved_max_model_len()) for name, c in pools.items()]
         self.front = FrontEnd(table, specs, router, scaler, self, agent_pools=agent_pools,
                               control_interval_s=self.cfg.control_interval_s, time_policies=True,
-                              source="execute(table)")
+                              source="execute(table)", hooks=hooks)
         self.front.on_call_done = self._call_done
         self.tasks: set[asyncio.Task] = set()
         self.error: BaseException | None = None
         self.token_rows: list[tuple[int, float]] = []
+        self.prefetch_rows: list[list] = []  # PREFETCH_COLUMNS
+        self._told: set[str] = set()  # mechanisms a notice was written for
         self.t0 = 0.0
 
     # --- clock and task supervision ----------------------------------------------------------------
@@ -143,9 +153,14 @@ class _Run:
                 self.t0 += shift  # t=0: every initial replica is ready (their start-up shows as negative times)
                 for rep in self.front.replicas.values():
                     rep.handle.start_s, rep.handle.ready_s = rep.handle.start_s - shift, rep.handle.ready_s - shift
+                for name, cfg in self.pools.items():
+                    for arg in cfg.engine.simulator_only():
+                        self._unsupported(f"EngineArgs.{arg}",
+                                          f"pool '{name}': EngineArgs.{arg} has no vLLM 0.32 counterpart; the servers "
+                                          "run without it (simulator-only)")
                 self._spawn(self._arrivals())
                 self._spawn(self._scraper())
-                if self.front.scaler is not None:
+                if self.front.scaler is not None or self.front.hooks.gate is not None:
                     self._spawn(self._controller())
                 if self.front.all_done:
                     self.done.set()
@@ -255,8 +270,41 @@ class _Run:
         return (sum(cfg.capacity * per[name] for name, cfg in self.pools.items()),
                 sum(self.startable(name) * per[name] for name in self.pools))
 
-    def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
-        replica.handle.inflight[info.request_id] = self._spawn(self._serve(replica, info, output_tokens))
+    def send(self, replica: Replica, info: RequestInfo, output_tokens: int, priority: int = 0) -> None:
+        replica.handle.inflight[info.request_id] = self._spawn(self._serve(replica, info, output_tokens, priority))
+
+    def pin(self, replica: Replica, info: RequestInfo, ttl_s: float) -> None:
+        self._unsupported("pin", "a retention policy asked to pin KV blocks; vLLM 0.32 cannot pin or hold blocks "
+                                 "for a time-to-live, so no call was pinned (simulator-only)")
+
+    def set_quotas(self, pool: str, quotas: Mapping[str, float]) -> None:
+        self._unsupported("quotas", f"pool '{pool}': the scaler set per-agent KV quotas {dict(quotas)}; vLLM 0.32 has "
+                                    "no per-tenant KV limit, so none was applied (simulator-only)")
+
+    def _unsupported(self, what: str, detail: str) -> None:
+        """One notice row per mechanism the servers cannot do (never faked)."""
+        if what not in self._told:
+            self._told.add(what)
+            log.warning(detail)
+            self.front.failure("unsupported", -1, -1, detail)
+
+    def prefetch(self, replica: Replica, prefetch: Prefetch) -> None:
+        """A real one-token call of the prefix (its own request id below 0), recorded in ``Results.prefetches``."""
+        row = [self.now(), replica.replica_id, prefetch.num_tokens, 0, math.nan]
+        self.prefetch_rows.append(row)
+        rid = -len(self.prefetch_rows)
+        prompt = prompt_token_ids(prefetch.block_hashes, prefetch.hash_block_size, prefetch.num_tokens, rid,
+                                  self.vocab_size[replica.pool])
+
+        async def call() -> None:
+            try:
+                out = await stream_completion(self.session, replica.handle.url, prompt, 1, self.now)
+            except CallError as e:
+                self.front.failure("call_failed", replica.replica_id, rid, f"prefetch: {e}")
+                return
+            row[3], row[4] = out.cached_tokens, out.finish_s
+
+        self._spawn(call())
 
     def metrics(self, replica: Replica) -> ReplicaMetrics:
         s = replica.handle
@@ -285,12 +333,12 @@ class _Run:
                 await asyncio.sleep(delay)
             self.front.release(rid)
 
-    async def _serve(self, rep: Replica, info: RequestInfo, output_tokens: int) -> None:
+    async def _serve(self, rep: Replica, info: RequestInfo, output_tokens: int, priority: int) -> None:
         s, rid = rep.handle, info.request_id
         prompt = prompt_token_ids(info.block_hashes, info.hash_block_size, info.input_tokens, rid,
                                   self.vocab_size[info.pool])
         try:
-            out = await stream_completion(self.session, s.url, prompt, max(output_tokens, 1), self.now)
+            out = await stream_completion(self.session, s.url, prompt, max(output_tokens, 1), self.now, priority)
         except CallError as e:
             if e.transport:
                 await self._suspect(rep, str(e))
@@ -329,7 +377,10 @@ class _Run:
     async def _controller(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.control_interval_s)
-            self.front.control()
+            if self.front.scaler is not None:
+                self.front.control()
+            if self.front.hooks.gate is not None:
+                self.front.tick_gate()
 
     # --- results -------------------------------------------------------------------------------------
     def result(self) -> Results:
@@ -345,4 +396,5 @@ class _Run:
         return self.front.results(
             self.pools, servers=pd.DataFrame(servers, columns=SERVER_COLUMNS),
             engine=pd.DataFrame(engine, columns=ENGINE_COLUMNS),
-            token_times=pd.DataFrame(self.token_rows, columns=TOKEN_TIME_COLUMNS))
+            token_times=pd.DataFrame(self.token_rows, columns=TOKEN_TIME_COLUMNS),
+            prefetches=pd.DataFrame(self.prefetch_rows, columns=PREFETCH_COLUMNS))

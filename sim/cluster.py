@@ -8,7 +8,7 @@ the sampler) and how a call is served (``sim.engine.Replica``, one vLLM engine p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -18,8 +18,8 @@ from frontend.checks import check_bool, check_choice, check_float, check_int, ch
 from frontend.core import LIVE, FrontEnd, PoolSpec, Replica
 from frontend.engine_args import EngineArgs
 from frontend.ledger import ReplicaMetrics
-from frontend.results import Results
-from policies.api import RequestInfo, Router, Scaler
+from frontend.results import PREFETCH_COLUMNS, RETENTION_COLUMNS, Results
+from policies.api import NO_HOOKS, Hooks, Prefetch, RequestInfo, Router, Scaler
 from sim.costmodel import CostModel, make_cost_model
 from sim.engine import Engine, RequestRecord, SimRequest
 from sim.hardware import get_gpu
@@ -97,6 +97,7 @@ class ClusterConfig:
 
 
 STALL_S = 600.0  # simulated seconds calls may wait with no replica of their pool ready or starting
+GATE_STALL_S = 3600.0  # ... or held by a gate while no replica serves anything (ThunderAgent forces a resume at 1800)
 IDLE_SKIP_SAMPLES = 1000  # an idle span longer than this many sample intervals is not sampled
 MAX_CONTROL_INTERVALS = 10**7  # scaler decisions one run may need (the span of its arrivals / control_interval_s)
 
@@ -136,6 +137,8 @@ class SimBackend:
         self._api_calls: dict[int, int] = {}  # replica -> calls in its API server (not yet or no more in the engine)
         # request -> leading block ids other calls share (set by Simulation; a call missing: maybe all of them)
         self.shared_ids: dict[int, int] = {}
+        self._quotas: dict[str, dict[str, float]] = {}  # pool -> the scaler's KV quotas per agent
+        self._prefetches: dict[int, list] = {}  # prefetch request id (negative) -> its PREFETCH_COLUMNS row
         args = cfg.engine
         for p in cfg.pools:
             model = load_model(p.model)
@@ -162,8 +165,14 @@ class SimBackend:
         after = self._costs[pool].api_overhead.after_finish_s
         engine = Engine(self.env, len(front.replicas), self._costs[pool], self.cfg.engine, self._blocks[pool],
                         coalesce_steps=self.cfg.coalesce_steps, on_finish=lambda rec: self._finished(rec, after),
-                        on_first_token=front.first_token)
+                        on_first_token=self._first_token)
+        if pool in self._quotas:
+            engine.set_quotas(self._quotas[pool])
         return front.add_replica(pool, engine, state)
+
+    def _first_token(self, request_id: int, now: float) -> None:
+        if request_id >= 0:  # not a prefetch
+            self.front.first_token(request_id, now)
 
     def _finished(self, rec: RequestRecord, after_finish_s: float) -> None:
         """The engine is done; the client has the last token ``after_finish_s`` later (the API server's part)."""
@@ -173,6 +182,11 @@ class SimBackend:
             self._in_api_server(rec.replica_id, after_finish_s, lambda: self._report(rec))
 
     def _report(self, rec: RequestRecord) -> None:
+        if rec.request_id < 0:  # a prefetch: recorded apart from the workload's calls
+            row = self._prefetches[rec.request_id]
+            row[3], row[4] = rec.num_cached_tokens, self.env.now
+            self.front.stop_if_idle(self.front.replicas[rec.replica_id])
+            return
         self.front.call_finished(rec.request_id, self.env.now, cached_tokens=rec.num_cached_tokens,
                                  num_preemptions=rec.num_preemptions, scheduled_s=rec.scheduled_s)
 
@@ -214,15 +228,35 @@ class SimBackend:
     def gpus(self) -> tuple[int, int]:
         return self.cfg.num_gpus, self.cfg.num_gpus - self.front.gpus_in_use()
 
-    def send(self, replica: Replica, info: RequestInfo, output_tokens: int) -> None:
+    def send(self, replica: Replica, info: RequestInfo, output_tokens: int, priority: int = 0) -> None:
         """The engine gets the call after the API server's ``before_first_token_s`` (HTTP, tokenization)."""
-        req = SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
-                         info.hash_block_size, self.shared_ids.get(info.request_id))
+        self._submit(replica, SimRequest(info.request_id, info.input_tokens, int(output_tokens), info.block_hashes,
+                                         info.hash_block_size, self.shared_ids.get(info.request_id), priority,
+                                         info.expected_output_tokens, info.agent))
+
+    def _submit(self, replica: Replica, req: SimRequest) -> None:
         before = self._before_s[replica.pool]
         if before == 0:
             replica.handle.add_request(req)
         else:
             self._in_api_server(replica.replica_id, before, lambda: replica.handle.add_request(req))
+
+    def pin(self, replica: Replica, info: RequestInfo, ttl_s: float) -> None:
+        replica.handle.pin(SimRequest(info.request_id, info.input_tokens, 1, info.block_hashes, info.hash_block_size,
+                                      self.shared_ids.get(info.request_id)), ttl_s)
+
+    def prefetch(self, replica: Replica, prefetch: Prefetch) -> None:
+        """A one-token call of the prefix, under a request id of its own below 0 (every block of it shareable)."""
+        rid = -1 - len(self._prefetches)
+        self._prefetches[rid] = [self.env.now, replica.replica_id, prefetch.num_tokens, 0, math.nan]
+        self._submit(replica, SimRequest(rid, prefetch.num_tokens, 1, prefetch.block_hashes, prefetch.hash_block_size,
+                                         len(prefetch.block_hashes)))
+
+    def set_quotas(self, pool: str, quotas: Mapping[str, float]) -> None:
+        self._quotas[pool] = dict(quotas)
+        for r in self.front.replicas.values():
+            if r.pool == pool and r.state in LIVE:
+                r.handle.set_quotas(self._quotas[pool])
 
     def metrics(self, replica: Replica) -> ReplicaMetrics:
         e = replica.handle
@@ -235,6 +269,14 @@ class SimBackend:
     def stop_replica(self, replica: Replica) -> None:
         """A drained engine holds nothing: its GPUs count as free once its state left LIVE."""
 
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The prefetches and every replica's pins (``frontend.results``)."""
+        pins = [(r.replica_id, e.pins["pinned"], e.pins["used"], e.pins["expired"], e.pins["yielded"],
+                 e.pinned_block_seconds(), e.pinned_hit_tokens)
+                for r in self.front.replicas.values() for e in (r.handle,)]
+        return {"prefetches": pd.DataFrame(list(self._prefetches.values()), columns=PREFETCH_COLUMNS),
+                "retention": pd.DataFrame(pins, columns=RETENTION_COLUMNS)}
+
 
 class Simulation:
     """One replay of a workload on a simulated cluster, advanced in steps of simulated time.
@@ -245,7 +287,7 @@ class Simulation:
     """
 
     def __init__(self, table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,
-                 *, progress: bool = False, controlled: bool = False):
+                 *, progress: bool = False, controlled: bool = False, hooks: Hooks = NO_HOOKS):
         check_progress(table, cfg, scaler, controlled)
         self.cfg = cfg
         self.env = env = simpy.Environment()
@@ -254,7 +296,7 @@ class Simulation:
             table, [PoolSpec(p.name, p.tp, self.backend.max_model_len[p.name]) for p in cfg.pools], router, scaler,
             self.backend,
             agent_pools=cfg.agent_pools, control_interval_s=cfg.control_interval_s, source="simulate(table)",
-            externally_scaled=controlled)
+            externally_scaled=controlled, hooks=hooks)
         self.backend.front = front
         self.backend.shared_ids = shared_prefix_ids((i.request_id, i.hash_block_size, i.block_hashes)
                                                     for i in front.graph.infos.values())
@@ -266,7 +308,7 @@ class Simulation:
             self.done.succeed()
         env.process(self._arrivals(front.graph.roots))
         env.process(self._sampler())
-        if scaler is not None:
+        if scaler is not None or hooks.gate is not None:
             env.process(self._controller())
 
     def run(self, until: float | None = None) -> bool:
@@ -278,7 +320,7 @@ class Simulation:
         return self.done.triggered
 
     def result(self) -> Results:
-        return self.front.results(self.cfg)
+        return self.front.results(self.cfg, **self.backend.tables())
 
     def _call_done(self, request_id: int) -> None:
         if self._bar is not None:
@@ -322,14 +364,27 @@ class Simulation:
             self.backend.num_unfinished(r) == 0 for r in front.replicas.values() if r.state in LIVE)
 
     def _controller(self):
-        """The scaler decides every ``control_interval_s``. A pool whose calls wait while none of its replicas is
-        ready or starting is stalled; stalled for STALL_S (the scaler starts none, or no GPU is free for one), the
-        run cannot make progress and ends with a StalledError instead of running forever."""
-        front, stalled = self.front, {}
+        """The scaler decides, and the gate lets held calls go, every ``control_interval_s``. A pool whose calls wait
+        while none of its replicas is ready or starting is stalled; stalled for STALL_S (the scaler starts none, or no
+        GPU is free for one), the run cannot make progress and ends with a StalledError instead of running forever.
+        So does a run whose gate holds calls while no replica serves anything for GATE_STALL_S."""
+        front, stalled, gate_idle_since = self.front, {}, math.inf
         while True:
             yield self.env.timeout(self.cfg.control_interval_s)
-            front.control()
+            if front.scaler is not None:
+                front.control()
             now = self.env.now
+            if front.hooks.gate is not None:
+                front.tick_gate()
+                held = sum(map(len, front.held.values()))
+                if not held or not self._idle():
+                    gate_idle_since = math.inf
+                elif now - min(gate_idle_since, now) >= GATE_STALL_S:
+                    raise StalledError(f"the gate {type(front.hooks.gate).__name__} has held {held} call(s) for "
+                                       f"{now - gate_idle_since:.0f} s of simulated time while no replica served "
+                                       "anything")
+                else:
+                    gate_idle_since = min(gate_idle_since, now)
             for pool, waiting in front.pending.items():
                 if not waiting or any(r.pool == pool and r.state in ("starting", "ready")
                                       for r in front.replicas.values()):
@@ -346,9 +401,10 @@ class Simulation:
 
 
 def simulate(table: pd.DataFrame, cfg: ClusterConfig, router: Router, scaler: Scaler | None = None,
-             *, progress: bool = False) -> Results:
-    """Replay a canonical workload table on a simulated cluster; deterministic for the same inputs."""
-    sim = Simulation(table, cfg, router, scaler, progress=progress)
+             *, progress: bool = False, hooks: Hooks = NO_HOOKS) -> Results:
+    """Replay a canonical workload table on a simulated cluster; deterministic for the same inputs. ``hooks``: a
+    system's per-call policies (``policies.systems.make_system``)."""
+    sim = Simulation(table, cfg, router, scaler, progress=progress, hooks=hooks)
     sim.run()
     return sim.result()
 

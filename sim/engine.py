@@ -82,6 +82,9 @@ class SimRequest:
     block_hashes: tuple[int, ...]
     hash_block_size: int
     shared_ids: int | None = None  # leading block_hashes other requests have too (None: maybe all of them)
+    priority: int = 0  # vLLM's request priority (scheduling_policy "priority": lower first, ties by arrival)
+    predicted_output: int = -1  # the front end's output-length hint (admission_policy "predicted"); -1: unknown
+    agent: str = ""  # whose KV quota its blocks count against (EngineArgs.kv_quotas, Engine.set_quotas)
 
 
 @dataclass
@@ -167,6 +170,43 @@ class _StepBoundary(simpy.events.Event):
         env.schedule(self, _BOUNDARY, delay)
 
 
+class _PriorityWaiting:
+    """vLLM's ``PriorityRequestQueue`` (scheduling_policy "priority"): waiting requests by (priority, arrival, request
+    id), lowest first. A preempted request goes back by the same key: a priority queue has no front. Offers the part
+    of ``deque``'s interface the engine uses, so the FCFS engine keeps its plain deque."""
+
+    __slots__ = ("_heap",)
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, _Seq]] = []
+
+    def append(self, s: _Seq) -> None:
+        heappush(self._heap, (s.req.priority, s.arrival_s, s.req.request_id, s))
+
+    appendleft = append
+
+    def popleft(self) -> _Seq:
+        return heappop(self._heap)[3]
+
+    def __getitem__(self, i: int) -> _Seq:
+        if i != 0:
+            raise IndexError("a priority queue shows only its head")
+        return self._heap[0][3]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+@dataclass(slots=True)
+class _Pin:
+    """Blocks of a finished call's prompt held until ``expiry_s`` (``Engine.pin``), known by its last block."""
+
+    tail: int
+    table: BlockTable
+    start_s: float
+    expiry_s: float
+
+
 class Engine:
     """One vLLM engine. Metrics (``num_running``, ``num_waiting``, ``kv_usage``, ``prefix_cache_queries``,
     ``prefix_cache_hits``, ``num_preemptions``) are the /metrics equivalents, valid at any time.
@@ -182,7 +222,8 @@ class Engine:
         self.on_finish, self.on_first_token = on_finish, on_first_token
         self.kv = KVCache(num_gpu_blocks, args.block_size, args.enable_prefix_caching)
         self.num_gpu_blocks, self.block_size = num_gpu_blocks, args.block_size
-        self.waiting: deque[_Seq] = deque()
+        self.waiting: deque[_Seq] | _PriorityWaiting = (
+            _PriorityWaiting() if args.scheduling_policy == "priority" else deque())
         self._steady: dict[_Seq, None] = {}  # the leading steady decodes of the running requests, in order
         self._rest: list[_Seq] = []  # the other running requests, in running order
         self._new_blocks = [0] * args.block_size  # [i]: steady decodes that need a new block when tick % bs == i
@@ -201,6 +242,16 @@ class Engine:
         self._window: _Window | None = None  # or the coalesced steps in progress
         self._cuttable = False  # an arrival may still shorten the window to the step in progress
         self._last_lookup: tuple[_Seq, int, list[int]] | None = None  # (request, its num_tokens, cache hit)
+        # The agent-serving mechanisms, each off unless a system asks for it (see the module docstring).
+        self._predicted = args.admission_policy == "predicted"
+        self._quotas: dict[str, int] = {}  # agent -> KV blocks its running requests may hold
+        self._choose_victims = False  # preemption victims by priority or quota, not simply the newest
+        self.set_quotas(args.kv_quotas or {})
+        self._pins: dict[int, _Pin] = {}  # last pinned block -> its pin, oldest first
+        self._commands: list[Callable[[], None]] = []  # changes to the KV cache that wait for the next step boundary
+        self.pinned_block_s = 0.0  # pinned blocks x seconds held, of the pins released so far
+        self.pinned_hit_tokens = 0  # prompt tokens of continuations that hit blocks a pin held
+        self.pins = {"pinned": 0, "used": 0, "expired": 0, "yielded": 0}  # pins made, and how each one ended
 
     # --- metrics --------------------------------------------------------------------------------
     @property
@@ -240,6 +291,12 @@ class Engine:
                 f"to recompute after a preemption) exceeds max_num_batched_tokens={args.max_num_batched_tokens} "
                 f"with chunked prefill disabled; enable chunked prefill or raise max_num_batched_tokens")
         self.waiting.append(_Seq(req, self.env.now, args.block_size, args.enable_prefix_caching))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Something the scheduler may act on arrived (a request, freed blocks): start stepping once every event of
+        this instant is in, if idle; else end a coalesced run with the step in progress (vLLM acts on it at the next
+        step boundary)."""
         env = self.env
         if self._boundary is None:  # idle: start once every arrival of this instant is queued
             self._boundary = _StepBoundary(env, 0.0, self._step_ended)
@@ -249,6 +306,137 @@ class Engine:
             assert w is not None
             w.k = bisect_left(w.times, env.now, 1, w.k + 1)
             self._boundary = _StepBoundary(env, _delay_to(env.now, w.times[w.k]), self._step_ended)
+
+    # --- agent-serving mechanisms (each off unless a system asks for it) ----------------------------
+    def set_quotas(self, shares: dict[str, float]) -> None:
+        """Cap each named agent's running requests at a share of the KV blocks: an agent at its cap waits (its
+        requests are skipped, as vLLM skips one over its LoRA limit) and is preempted first. An agent with nothing
+        running is always admitted, so no request waits for a quota it can never meet."""
+        self._quotas = {agent: int(share * self.kv.num_usable_blocks) for agent, share in shares.items()}
+        self._choose_victims = self.args.scheduling_policy == "priority" or bool(self._quotas)
+        if self._boundary is not None:
+            self._wake()  # seen from the next step boundary on, whether steps run one by one or coalesced
+
+    def pin(self, req: SimRequest, ttl_s: float) -> None:
+        """Continuum's retention: hold the cached blocks of ``req``'s prompt (a call that just ended) for ``ttl_s``
+        seconds, so its continuation finds them after the tool call. Pinned blocks are not evicted and count as
+        used. A pin ends when a request whose cache hit covers all of it (the continuation) is admitted, when it
+        expires, or under memory pressure: the newest pin yields before a running request is preempted, or when
+        nothing runs and the waiting head cannot fit. Pinning the same blocks again renews the pin. It takes hold
+        at the next step boundary (at once when idle), where vLLM's engine loop would apply it."""
+        if self._boundary is None:
+            self._pin_now(req, ttl_s)
+        else:
+            self._commands.append(lambda: self._pin_now(req, ttl_s))
+            self._wake()  # a coalesced run ends with the step in progress, as a run of single steps would see it
+
+    def _pin_now(self, req: SimRequest, ttl_s: float) -> None:
+        s = _Seq(req, self.env.now, self.block_size, self.args.enable_prefix_caching)
+        if not s.num_shareable:
+            return
+        self._extend_hashes(s, s.num_shareable)
+        hit = self.kv.find_longest_cache_hit(s.hashes[:s.num_shareable], s.num_shareable * self.block_size)
+        if not hit:
+            return
+        old = self._pins.get(hit[-1])
+        if old is not None:
+            self._unpin(old, "expired")  # renewed below
+        table = BlockTable()
+        self.kv.allocate_slots(table, len(hit) * self.block_size, hit)  # hits only: always fits
+        now = self.env.now
+        pin = self._pins[hit[-1]] = _Pin(hit[-1], table, now, now + ttl_s)
+        self.pins["pinned"] += 1
+        self.env.timeout(ttl_s).callbacks.append(lambda _: self._expire(pin))
+
+    def _expire(self, pin: _Pin) -> None:
+        if self._pins.get(pin.tail) is not pin:
+            return  # ended before its time
+        if self._boundary is None:
+            self._unpin(pin, "expired")
+            return
+        self._commands.append(lambda: self._pins.get(pin.tail) is pin and self._unpin(pin, "expired"))
+        self._wake()  # released at the next step boundary, whether steps run one by one or coalesced
+
+    def _unpin(self, pin: _Pin, why: str) -> None:
+        del self._pins[pin.tail]
+        self.pinned_block_s += pin.table.num_blocks * (self.env.now - pin.start_s)
+        self.pins[why] += 1
+        self.kv.free_blocks(pin.table)
+
+    def _unpin_newest(self) -> None:
+        self._unpin(next(reversed(self._pins.values())), "yielded")
+
+    def _pins_used(self, hit: Sequence[int]) -> None:
+        """A request that hit ``hit`` was admitted (it holds those blocks now): the pins it covers did their job."""
+        pins = self._pins
+        for b in hit:
+            pin = pins.get(b)
+            if pin is not None:
+                self.pinned_hit_tokens += pin.table.num_blocks * self.block_size
+                self._unpin(pin, "used")
+
+    def pinned_block_seconds(self) -> float:
+        """Pinned blocks x seconds, up to now (pins still held included)."""
+        now = self.env.now
+        return self.pinned_block_s + sum(p.table.num_blocks * (now - p.start_s) for p in self._pins.values())
+
+    def _held(self, s: _Seq) -> int:
+        """KV blocks running request ``s`` holds now (a steady decode's count is brought up to date lazily)."""
+        if s in self._steady:
+            return -(-(s.num_computed + self.tick - s.t0) // self.block_size)
+        return s.table.num_blocks
+
+    def _agent_blocks(self) -> dict[str, int]:
+        used: dict[str, int] = {}
+        for s in self._running():
+            used[s.req.agent] = used.get(s.req.agent, 0) + self._held(s)
+        return used
+
+    def _running(self) -> list[_Seq]:
+        return [*self._steady, *self._rest]
+
+    def _over_quota(self, s: _Seq, num_tokens: int) -> bool:
+        """Would admitting ``s`` with ``num_tokens`` in KV take its agent past its quota (while it runs others)?"""
+        cap = self._quotas.get(s.req.agent)
+        if cap is None:
+            return False
+        used = self._agent_blocks().get(s.req.agent, 0)
+        return used > 0 and used + -(-num_tokens // self.block_size) > cap
+
+    def _victim_index(self) -> int:
+        """Whom to preempt among the running requests (all on the per-request path then): an agent over its quota
+        first, then vLLM's choice: with priority scheduling the lowest priority, latest arrival (the first such
+        in running order), else the newest."""
+        running = self._rest
+        pool: Sequence[int] = range(len(running))
+        if self._quotas:
+            used = self._agent_blocks()
+            over = [j for j in pool if used[running[j].req.agent] > self._quotas.get(running[j].req.agent, 1 << 62)]
+            pool = over or pool
+        if self.args.scheduling_policy == "priority":
+            return max(pool, key=lambda j: (running[j].req.priority, running[j].arrival_s))
+        return pool[-1]
+
+    def _rest_blocks(self, budget: int) -> int:
+        """New blocks the per-request running requests take this step if no one is preempted."""
+        bs, need = self.block_size, 0
+        for s in self._rest:
+            if budget <= 0:
+                break
+            n = min(s.num_tokens - s.num_computed, budget)
+            need += max(0, -(-(s.num_computed + n) // bs) - s.table.num_blocks)
+            budget -= n
+        return need
+
+    def _predicted_tokens(self, s: _Seq) -> int:
+        """Tokens ``s`` is predicted to hold in KV: its prompt and its predicted output (its hint), or what it
+        holds already if more."""
+        return max(s.num_tokens, s.req.prompt_len + max(s.req.predicted_output, 0))
+
+    def _predicted_growth(self) -> int:
+        """Blocks the running requests are still predicted to take (admission_policy "predicted" keeps them free)."""
+        bs = self.block_size
+        return sum(max(0, -(-self._predicted_tokens(s) // bs) - self._held(s)) for s in self._running())
 
     # --- the engine loop ------------------------------------------------------------------------
     def _step_ended(self, event: simpy.events.Event) -> None:
@@ -263,6 +451,8 @@ class Engine:
         elif self._batch is not None:
             (batch, num_steady), self._batch = self._batch, None
             self._complete(batch, num_steady)
+        while self._commands:
+            self._commands.pop(0)()
         if not (self._steady or self._rest or self.waiting):
             self._boundary = None
             return
@@ -285,8 +475,9 @@ class Engine:
         num_steady = len(self._steady)
         if num_steady:
             need = self._new_blocks[self.tick % bs]
-            if num_steady > budget or need > kv.num_free_blocks:
-                self._dissolve_steady()  # not everyone gets a token, or someone will be preempted: one by one
+            if num_steady > budget or need > kv.num_free_blocks or (  # not everyone gets a token, or someone
+                    self._choose_victims and need + self._rest_blocks(budget - num_steady) > kv.num_free_blocks):
+                self._dissolve_steady()  # will be preempted (whom, a choice among all): one by one
                 num_steady = 0
             else:
                 if need:
@@ -301,14 +492,30 @@ class Engine:
             n = s.num_tokens - s.num_computed
             if n > budget:
                 n = budget
-            if not self._allocate_or_preempt(s, n):
-                break
-            batch.append((s, n))
-            budget -= n
-            i += 1
+            while not self._allocate(s, s.num_computed, n):  # vLLM: preempt until the blocks fit
+                if self._pins:
+                    self._unpin_newest()  # a pin yields before a running request is preempted
+                    continue
+                j = self._victim_index() if self._choose_victims else len(running) - 1
+                victim = running.pop(j)
+                if j < i:  # scheduled earlier in this step: its tokens go back to the budget, as in vLLM
+                    i -= 1
+                    k = next(k for k, (r, _) in enumerate(batch) if r is victim)
+                    budget += batch.pop(k)[1]
+                self._preempt(victim)
+                if victim is s:
+                    break
+            else:
+                batch.append((s, n))
+                budget -= n
+                i += 1
+                continue
+            break
         if self.num_preemptions > preemptions:  # vLLM admits no waiting request in a step that preempted
             return batch, num_steady
         waiting = self.waiting
+        skipped: list[_Seq] = []  # over their agent's quota this step
+        reserve = self._predicted_growth() if self._predicted and waiting else 0
         while waiting and budget > 0 and num_steady + len(running) < args.max_num_seqs:
             s = waiting[0]
             hit = self._lookup(s)
@@ -317,9 +524,22 @@ class Engine:
             if not args.enable_chunked_prefill and n > budget:
                 break
             n = min(n, budget)
+            if self._quotas and self._over_quota(s, hit_tokens + n):
+                skipped.append(waiting.popleft())
+                continue
+            if self._predicted and kv.num_blocks_to_allocate(0, self._predicted_tokens(s), hit) > \
+                    kv.num_free_blocks - reserve:
+                break
             if not self._allocate(s, hit_tokens, n, hit):
+                if self._pins and not (num_steady or running):  # nothing runs that would free blocks
+                    self._unpin_newest()
+                    continue
                 break
             waiting.popleft()
+            if self._predicted:
+                reserve += max(0, -(-self._predicted_tokens(s) // bs) - s.table.num_blocks)
+            if self._pins and hit:
+                self._pins_used(hit)
             self._order += 1
             s.order = self._order
             running.append(s)
@@ -332,6 +552,8 @@ class Engine:
                     self.prefix_cache_hits += hit_tokens
             batch.append((s, n))
             budget -= n
+        for s in reversed(skipped):  # back where they were (a priority queue puts them back by their key)
+            waiting.appendleft(s)
         return batch, num_steady
 
     def _lookup(self, s: _Seq) -> list[int]:
@@ -382,16 +604,6 @@ class Engine:
         """Hashes of the request's first ``num_blocks`` blocks, and of all its shareable ones at once: those
         chain over the trace ids from the start, so they are computed in one pass."""
         extend_block_hashes(s.hashes, s.req, self.block_size, max(num_blocks, s.num_shareable))
-
-    def _allocate_or_preempt(self, s: _Seq, n: int) -> bool:
-        """Blocks for running request ``s``, preempting the newest running requests until they fit;
-        False when ``s`` itself had to go."""
-        while not self._allocate(s, s.num_computed, n):
-            victim = self._rest.pop()
-            self._preempt(victim)
-            if victim is s:
-                return False
-        return True
 
     def _preempt(self, s: _Seq) -> None:
         """Preemption by recompute: register the request's full blocks (it may hit them when it comes back), free
@@ -562,10 +774,16 @@ class Engine:
         step would admit it, else its cache hit (the blocks whose eviction may change that). Within such a run
         the free queue only shrinks and the head's needs stay put until a step evicts one of its hits.
         Tail-first freeing means such an eviction usually lowers need and supply alike, but not provably
-        always (duplicate blocks), so the run stops there."""
+        always (duplicate blocks), so the run stops there.
+
+        With admission by predicted need the head must also fit beside the running requests' predicted growth;
+        free blocks less that growth only shrink in such a run, so a head blocked by it stays blocked. With
+        quotas a request behind the head may be admitted: no run is planned while any waits."""
         args, kv = self.args, self.kv
         if budget <= 0 or len(self._steady) >= args.max_num_seqs:
             return []  # not even tried: nothing in a decode-only run changes that
+        if self._quotas:
+            return None
         s = self.waiting[0]
         hit = self._lookup(s)  # also makes the head's hits the cache's watched blocks
         hit_tokens = len(hit) * self.block_size
@@ -573,7 +791,12 @@ class Engine:
         if not args.enable_chunked_prefill and n > budget:
             return hit
         need = kv.num_blocks_to_allocate(0, hit_tokens + min(n, budget), hit)
-        return hit if need > kv.num_free_blocks - first_alloc else None
+        if need > kv.num_free_blocks - first_alloc:
+            return hit
+        if self._predicted and kv.num_blocks_to_allocate(0, self._predicted_tokens(s), hit) > \
+                kv.num_free_blocks - self._predicted_growth():
+            return hit
+        return None
 
     def _apply_window(self, w: _Window) -> None:
         """Advance the run's requests by ``w.k`` steps: blocks, counters (the steady decodes' lazily), the

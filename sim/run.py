@@ -6,10 +6,10 @@ one or more systems side by side.
 
 Every flag is a field of ``sim.scenario.Scenario`` (or of its ``EngineArgs``); each ``--system`` (or ``--router``,
 with ``--scaler``) is simulated on the same workload and printed as one column of the summary table
-(``frontend.metrics.summarize``). With ``--out DIR`` the per-call, per-job, time-series, cluster and failure
-tables of each run go to ``DIR/<name>.<table>.parquet``, with ``DIR/summary.parquet`` and ``DIR/meta.json`` (the
-command, seed, scenario and version); all of them are written beside DIR first and moved in only once every one
-was written, so an interrupted run leaves the previous files as they were.
+(``frontend.metrics.summarize``). With ``--out DIR`` the per-call, per-job, time-series, cluster, failure,
+prefetch and retention tables of each run go to ``DIR/<name>.<table>.parquet``, with ``DIR/summary.parquet`` and
+``DIR/meta.json`` (the command, seed, scenario and version); all of them are written beside DIR first and moved in
+only once every one was written, so an interrupted run leaves the previous files as they were.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 
 from frontend.engine_args import EngineArgs, add_flags, from_flags
 from frontend.files import check_writable, move_all, package_version, staging_dir
-from frontend.metrics import summarize
+from frontend.metrics import summarize_results
 from frontend.results import Results
 from policies.registry import ROUTERS, SCALERS
 from policies.systems import SYSTEMS
@@ -40,7 +40,7 @@ from traces.schema import WorkloadError
 from traces.workflow import WORKFLOWS
 
 DEFAULT = Scenario(system="pythia")  # the defaults of every flag
-TABLES = ("requests", "jobs", "timeseries", "cluster", "failures")
+TABLES = ("requests", "jobs", "timeseries", "cluster", "failures", "prefetches", "retention")
 # Scenario / EngineArgs fields whose flag is not the field's name with dashes
 FLAGS = {"duration_s": "--duration", "slo_s": "--slo"}
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = simulate_scenario(s, progress=args.progress, table=table)
             results[name] = res
-            summaries[name] = {**summarize(res.requests, res.jobs, res.timeseries, res.cluster),
+            summaries[name] = {**summarize_results(res),
                                "wall_s": round(time.perf_counter() - t0, 2)}
     except (ValueError, KeyError, WorkloadError) as e:
         print(f"error: {flag_names(str(e.args[0] if isinstance(e, KeyError) else e))}", file=sys.stderr)

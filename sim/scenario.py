@@ -13,8 +13,9 @@ import pandas as pd
 
 from frontend.checks import check_choice, check_int, check_optional_float
 from frontend.engine_args import EngineArgs
-from frontend.metrics import summarize
+from frontend.metrics import summarize_results
 from frontend.results import Results
+from policies.api import NO_HOOKS
 from policies.registry import ROUTERS, SCALERS, make_router, make_scaler
 from policies.systems import SYSTEMS, make_system, system
 from sim.cluster import MAX_GPUS, ClusterConfig, PoolConfig, simulate
@@ -93,7 +94,8 @@ class Scenario:
     def cluster(self) -> ClusterConfig:
         """The simulated cluster: ``gpus`` GPUs of kind ``gpu``, one pool of ``model`` replicas on ``tp`` GPUs."""
         pool = PoolConfig(model=self.model, tp=self.tp, initial_replicas=self.initial_replicas())
-        return ClusterConfig(gpu=self.gpu, num_gpus=self.gpus, pools=(pool,), engine=self.engine,
+        engine = self.engine if self.system is None else replace(self.engine, **system(self.system).engine)
+        return ClusterConfig(gpu=self.gpu, num_gpus=self.gpus, pools=(pool,), engine=engine,
                              engine_version=self.engine_version)
 
     def window(self) -> int:
@@ -128,13 +130,12 @@ def simulate_scenario(s: Scenario, *, progress: bool = False, table: pd.DataFram
     built (``s.table()``, e.g. once for several systems on the same workload)."""
     if s.system is not None:
         p = make_system(s.system)
-        router, scaler = p.router, p.scaler
+        router, scaler, hooks = p.router, p.scaler, p.hooks
     else:
-        router, scaler = make_router(s.router), make_scaler(s.scaler) if s.scaler else None
-    return simulate(s.table() if table is None else table, s.cluster(), router, scaler, progress=progress)
+        router, scaler, hooks = make_router(s.router), make_scaler(s.scaler) if s.scaler else None, NO_HOOKS
+    return simulate(s.table() if table is None else table, s.cluster(), router, scaler, progress=progress, hooks=hooks)
 
 
 def summarize_scenario(s: Scenario) -> dict:
     """The scenario's summary metrics (``frontend.metrics.summarize``)."""
-    res = simulate_scenario(s)
-    return summarize(res.requests, res.jobs, res.timeseries, res.cluster)
+    return summarize_results(simulate_scenario(s))

@@ -76,6 +76,18 @@ def test_table1_columns(out):
     assert len(t) == 6  # 2 workloads x (vLLM, K8s HPA, Pythia)
 
 
+def test_fig_baselines_compares_every_baseline_on_both_agent_workloads(out):
+    if not (out / "fig-baselines.csv").exists():
+        main(["fig-baselines", "--quick", "--out", str(out), "--seed", "3"])
+    t = pd.read_csv(out / "fig-baselines.csv")
+    systems = ["vllm", "production-stack", "sglang", "autellix", "continuum", "thunderagent", "pythia"]
+    for w in ("coding-assistant", "software-team"):
+        assert t.loc[t["workload"] == w, "system"].tolist() == systems
+    assert (t["num_failed"] == 0).all() and t["prefix_hit_rate"].between(0, 1).all()
+    assert (t[["mean_jct_s", "p99_latency_s", "gpu_seconds"]] > 0).all().all()
+    assert (t.loc[t["system"] != "continuum", "pinned_block_s"] == 0).all()  # only Continuum pins
+
+
 def test_unknown_experiment_lists_known(capsys):
     assert main(["fig99"]) == 2
     err = capsys.readouterr().err

@@ -64,7 +64,7 @@ from traces.workflow import load_workflow, make_workload, scale_workflow
     (lambda: Scenario(system="pythia", replicas=9), r"Scenario.replicas=9: 9 replicas of tp=1 need 9 GPUs"),
     (lambda: Scenario(system="pythia", tp=16), r"Scenario.tp=16: one replica needs 16 GPUs but the cluster has "
                                                r"gpus=8"),
-    (lambda: Scenario(system="nope"), r"Scenario.system='nope' must be one of vllm, vllm-hpa, sglang, pythia"),
+    (lambda: Scenario(system="nope"), r"Scenario.system='nope' must be one of vllm, vllm-hpa, production-stack"),
     (lambda: Scenario(router="pythia", scaler="nope"), r"Scenario.scaler='nope' must be one of static"),
     (lambda: Scenario(system="pythia", workload="nope"), r"Scenario.workload='nope' is not a shipped workflow"),
     (lambda: Scenario(system="pythia", model="llama-9"), r"unknown model 'llama-9'"),
