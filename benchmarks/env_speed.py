@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from sim.env import EnvConfig, ScalingEnv, job_bank
+from sim.env import ScalingEnv
+from sim.episodes import EnvConfig, job_bank
 
 
 def measure(episodes: int, cfg: EnvConfig, seed: int = 0) -> dict[str, float]:

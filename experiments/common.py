@@ -1,13 +1,18 @@
 """What the experiments share: one run per point (simulated, or on real vLLM servers when a sweep is given a
-``RealConfig``), sweeps over points in worker processes, and the paper-like workloads and their loads."""
+``RealConfig``), independent runs in worker processes or on a Ray cluster (``parallel_map``), and the
+paper-like workloads and their loads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+import os
+import signal
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -90,13 +95,139 @@ def sweep(points: Iterable[Point], jobs: int = 1, real: RealConfig | None = None
     return pd.DataFrame(parallel_map(summarize_point, points, jobs, desc="simulate"))
 
 
+class RunsFailed(RuntimeError):
+    """Some runs failed (after their retry, on Ray); every other run finished. ``failures`` maps an input's
+    position to (the input, the error); ``results`` holds the other runs' results (None where one failed)."""
+
+    def __init__(self, failures: dict[int, tuple[object, str]], results: list):
+        self.failures, self.results = failures, results
+        lines = [f"  {item!r}:\n    {error.strip().splitlines()[-1]}" for item, error in failures.values()]
+        first = next(iter(failures.values()))[1]
+        super().__init__(f"{len(failures)} of {len(results)} runs failed:\n" + "\n".join(lines)
+                         + f"\nthe first one's error:\n{first}")
+
+
 def parallel_map(fn: Callable, items: Iterable, jobs: int = 1, desc: str = "runs") -> list:
-    """Map over independent runs, in worker processes when jobs > 1; results keep the input order."""
+    """Map over independent runs; results keep the input order. Runs go to the Ray cluster this process is
+    connected to (``ray_cluster``), else to ``jobs`` worker processes (1: this process). A run that fails does
+    not stop the others: once all are done, ``RunsFailed`` names each failed input and its error."""
     items = list(items)
-    if jobs <= 1:
-        return [fn(x) for x in tqdm(items, desc=desc, unit="run")]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="run"))
+    results: list = [None] * len(items)
+    failures: dict[int, tuple[object, str]] = {}
+    for i, ok, value in completions(fn, items, jobs, desc):
+        if ok:
+            results[i] = value
+        else:
+            failures[i] = (items[i], value)
+    if failures:
+        raise RunsFailed(dict(sorted(failures.items())), results)
+    return results
+
+
+def completions(fn: Callable, items: Sequence, jobs: int = 1, desc: str = "runs") -> Iterator[tuple[int, bool, Any]]:
+    """``(position, True, fn(item))`` or ``(position, False, error text)`` for every item, as runs complete, with a
+    progress bar. Where they run: as ``parallel_map``. A failed run is retried once on Ray (a lost node or worker
+    and an exception alike); locally an exception is reported at once (the simulator is deterministic, so a
+    retry in the same place cannot help)."""
+    if _RAY["address"] is not None:
+        runs = _ray_completions(fn, items)
+    elif jobs <= 1:
+        runs = (_attempt(fn, i, x) for i, x in enumerate(items))
+    else:
+        runs = _pool_completions(fn, items, jobs)
+    with tqdm(total=len(items), desc=desc, unit="run") as bar:
+        for run in runs:
+            bar.update()
+            yield run
+
+
+def _attempt(fn: Callable, i: int, x: object) -> tuple[int, bool, Any]:
+    try:
+        return i, True, fn(x)
+    except Exception:
+        return i, False, traceback.format_exc()
+
+
+def _worker_init() -> None:
+    """Pool workers leave Ctrl-C to the parent (which terminates them) and die on SIGTERM, whatever the
+    parent's handlers were when they were forked."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _pool_completions(fn: Callable, items: Sequence, jobs: int) -> Iterator[tuple[int, bool, Any]]:
+    # multiprocessing.Pool rather than ProcessPoolExecutor: leaving the `with` block on an exception (Ctrl-C,
+    # SIGTERM turned into SystemExit by experiments.run) terminates the workers instead of waiting for their runs.
+    with multiprocessing.Pool(min(jobs, max(len(items), 1)), initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(partial(_call, fn), enumerate(items))
+
+
+def _call(fn: Callable, ix: tuple[int, object]) -> tuple[int, bool, Any]:
+    return _attempt(fn, *ix)
+
+
+# --- Ray (the optional `ray` extra): only this section imports it, and only when a cluster is asked for ---
+
+_RAY: dict[str, str | None] = {"address": None}  # set by ray_cluster while this process is connected
+
+
+@contextmanager
+def ray_cluster(address: str | None) -> Iterator[None]:
+    """Send ``parallel_map``'s runs to a Ray cluster while inside: ``address`` "HOST:PORT" (a head started by
+    ``ray start --head``), or "auto": the cluster this machine belongs to, else a new one on this machine bound
+    to the loopback address, stopped again on the way out. A process already connected (a script that called
+    ``ray.init``) keeps its connection, whatever ``address`` says. ``None``: nothing changes."""
+    if address is None:
+        yield
+        return
+    import ray
+
+    connected = ray.is_initialized()
+    handler = signal.getsignal(signal.SIGTERM)  # ray.init installs its own; ours unwinds (and shuts Ray down)
+    if not connected:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError:
+            if address != "auto":
+                raise
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a throwaway local cluster reports to nobody
+            # Ray runs its workers at nice 15 by default; on a shared machine they then get a fraction of the CPU
+            # that --jobs' processes (at this process's niceness) get.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        signal.signal(signal.SIGTERM, handler)
+    _RAY["address"] = address
+    try:
+        yield
+    finally:
+        _RAY["address"] = None
+        if not connected:
+            ray.shutdown()
+
+
+def _ray_completions(fn: Callable, items: Sequence) -> Iterator[tuple[int, bool, Any]]:
+    import ray
+
+    # max_retries: a task whose worker or node died runs once more; retry_exceptions: so does one that raised.
+    task = ray.remote(max_retries=1, retry_exceptions=True)(_apply)
+    fn_ref = ray.put(fn)
+    position = {task.remote(fn_ref, x): i for i, x in enumerate(items)}
+    pending = list(position)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ref = done[0]
+            try:
+                yield position[ref], True, ray.get(ref)
+            except ray.exceptions.RayError as e:
+                yield position[ref], False, str(e)
+    finally:
+        for ref in pending:  # interrupted: the cluster stops what is still queued or running
+            ray.cancel(ref, force=True)
+
+
+def _apply(fn: Callable, x: object) -> Any:
+    return fn(x)
 
 
 # The two paper-like workloads, the offered loads (jobs/s) swept for them, and the reference load at which

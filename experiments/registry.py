@@ -19,7 +19,7 @@ class Experiment:
     module: str
     description: str
     needs: str | None = None  # "rl" (stable-baselines3, torch) or "vllm" (real servers)
-    options: tuple[str, ...] = ()  # "timesteps", "real" (--backend real)
+    options: tuple[str, ...] = ()  # "timesteps", "seeds", "real" (--backend real), "grid" (a grid file)
 
     def runner(self) -> Callable[[Context], Output]:
         return importlib.import_module(self.module).run
@@ -32,6 +32,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig8": Experiment("experiments.fig8", "ablation: Pythia minus each mechanism, vLLM plus each mechanism alone"),
     "fig9": Experiment("experiments.fig9", "queue length over time under a burst"),
     "fig10": Experiment("experiments.fig10", "GPU memory utilization per GPU over time and its spread"),
+    "fig-shape": Experiment("experiments.fig_shape", "where predictability pays: throughput gain over vLLM vs "
+                                                     "mean prompt x output, and vs the prefix-reuse bound"),
     "fig-baselines": Experiment("experiments.fig_baselines", "the strong baselines (production-stack, SGLang, "
                                                              "Autellix, Continuum, ThunderAgent) vs vLLM and Pythia "
                                                              "on the agent workloads: JCT, p99, hits, GPU-seconds"),
@@ -40,7 +42,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "validate": Experiment("experiments.validate", "fig. 13: simulator vs real vLLM (tiny CPU model): TTFT, E2E, "
                                                    "hits, queues", needs="vllm"),
     "train-scaler": Experiment("experiments.train_scaler", "train the RL scaler (PPO on the simulator); writes a "
-                                                           "checkpoint", needs="rl", options=("timesteps",)),
+                                                           "checkpoint", needs="rl", options=("timesteps", "seeds")),
+    "sweep": Experiment("experiments.sweep", "a grid of what-if scenarios (GRID.yaml): one Parquet row per "
+                                           "point, resumable; a summary plot", options=("grid",)),
     "fig12": Experiment("experiments.fig12", "the RL scaler: training curve, SLO attainment vs GPU-seconds on "
                                              "held-out windows", needs="rl"),
 }

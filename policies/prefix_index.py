@@ -13,8 +13,8 @@ a tenant is therefore a leaf for that tenant, and evicting it never leaves a gap
 
 Nodes are integer ids into flat lists, and each node's tenants one integer bit mask, not objects that point
 at each other: a trie of a cluster's worth of prompts holds ~10^5 nodes, and as objects with parent links
-they kept Python's cyclic garbage collector walking all of them, stalling a routing decision now and then for
-150-300 ms (``benchmarks/policy_overhead.py``). Dicts of ints are not tracked by the collector at all.
+they kept Python's cyclic garbage collector walking all of them, stalling a routing decision now and then
+(``benchmarks/policy_overhead.py`` measures it). Dicts of ints are not tracked by the collector at all.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The learned scaler: one feature encoder and the ``RLScaler`` that loads a trained policy.
 
-A policy either names replica counts itself, or (``residual_of``, the default of ``sim.env.EnvConfig``)
+A policy either names replica counts itself, or (``residual_of``, the default of ``sim.episodes.EnvConfig``)
 corrects a heuristic scaler (residual policy learning, see ``Residual``): it sees the heuristic's target and
 its offset of the last interval, and names the offset for this one. Offset 0 is the heuristic itself, so
 training starts from a working scaler and learns where to deviate from it, instead of discovering scaling from a

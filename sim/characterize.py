@@ -30,14 +30,14 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from frontend.engine_args import EngineArgs
 from sim.costmodel import CostModel, make_cost_model
 from sim.hardware import DEFAULT_GPU
-from sim.models import MODELS, MODELS_DIR, num_gpu_blocks
+from sim.models import load_model, num_gpu_blocks
 from traces.characterize import prefix_hits
 from traces.loaders import TRACES
 from traces.schema import WorkloadError
@@ -48,29 +48,8 @@ PAPER_CALLS_PER_S, PAPER_GPUS = 132.0, 8  # Pythia's throughput target on 8 GPUs
 
 
 def model_context_limit(model: str) -> int:
-    """The model's context window: ``max_position_embeddings`` of its config.json (a shipped short name or a path)."""
-    path = MODELS_DIR / f"{model}.json" if model in MODELS else Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"model {model!r}: cannot read {path} ({e})") from None
-    limit = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
-    if not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"{path}: field 'max_position_embeddings' must be a positive integer, got {limit!r}")
-    return limit
-
-
-@dataclass(frozen=True)
-class Engine:
-    """The engine knobs the accounting needs, with vLLM's names and the simulated cluster's defaults (the
-    fields of the front end's ``EngineArgs`` of the same names)."""
-
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.9
+    """The model's context window (``max_position_embeddings``): vLLM's default ``max_model_len``."""
+    return load_model(model).max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -105,9 +84,11 @@ def _prefill_s(cm: CostModel, new: int, before: int, chunk: int, batch: int, con
     return total
 
 
-def operating_point(df: pd.DataFrame, name: str, cm: CostModel, num_gpus: int, engine: Engine = Engine()) -> \
-        OperatingPoint:
-    """The operating point of one workload table on ``num_gpus`` GPUs of replicas costed by ``cm``."""
+def operating_point(df: pd.DataFrame, name: str, cm: CostModel, num_gpus: int,
+                    engine: EngineArgs | None = None) -> OperatingPoint:
+    """The operating point of one workload table on ``num_gpus`` GPUs of replicas costed by ``cm`` (engine
+    arguments: vLLM's defaults unless given)."""
+    engine = engine or EngineArgs()
     if df.empty:
         raise WorkloadError(f"{name}: no calls to characterize")
     replicas = num_gpus // cm.tp

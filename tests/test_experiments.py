@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,11 +18,18 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("figures")
 
 
+GRID = Path(__file__).resolve().parents[1] / "experiments" / "grids" / "gpus-sizes-systems.yaml"
+
+
 @pytest.mark.parametrize("name", [n for n, e in EXPERIMENTS.items() if e.needs != "vllm"])
 def test_quick_experiment_writes_png_and_csv(name, out):
     if EXPERIMENTS[name].needs == "rl":
         pytest.importorskip("stable_baselines3", reason=f"{name} needs the 'rl' extra: pip install -e '.[rl]'")
-    assert main([name, "--quick", "--out", str(out), "--seed", "3"]) == 0
+    grid = [str(GRID)] if "grid" in EXPERIMENTS[name].options else []  # a sweep: the shipped example grid
+    assert main([name, *grid, "--quick", "--out", str(out), "--seed", "3"]) == 0
+    if grid:
+        name = f"{name}-{GRID.stem}"
+        assert len(pd.read_parquet(out / f"{name}.parquet")) == 16  # the first 2 values of each of 4 axes
     assert (out / f"{name}.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / f"{name}.csv")) > 0
     about = json.loads((out / f"{name}.meta.json").read_text())
@@ -94,9 +102,17 @@ def test_list_names_every_experiment(capsys):
     assert all(name in out for name in EXPERIMENTS)
 
 
-def test_timesteps_only_for_training(capsys):
+def test_timesteps_and_seeds_only_for_training(capsys):
     assert main(["fig7", "--timesteps", "100"]) == 2
     assert "--timesteps applies to train-scaler, not 'fig7'" in capsys.readouterr().err
+    assert main(["fig7", "--seeds", "2"]) == 2
+    assert "--seeds applies to train-scaler, not 'fig7'" in capsys.readouterr().err
+
+
+def test_jobs_and_ray_are_one_or_the_other(capsys):
+    assert main(["fig7", "--jobs", "2", "--ray", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs 2 and --ray auto" in err or "--ray needs Ray" in err
 
 
 def test_real_backend_flags_are_checked(capsys):

@@ -76,7 +76,7 @@ def test_a_config_refuses_a_bad_value_naming_field_value_and_range(make, match) 
 
 def test_env_config_refuses_bad_values() -> None:
     pytest.importorskip("gymnasium", reason="the RL environment needs the 'rl' extra")
-    from sim.env import EnvConfig
+    from sim.episodes import EnvConfig
 
     for kw, match in [({"episode_s": math.nan}, r"EnvConfig.episode_s=nan must be >= 5"),
                       ({"initial_replicas": (3, 2)}, r"EnvConfig.initial_replicas=\(3, 2\): low=3 is above high=2"),

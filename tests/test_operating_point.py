@@ -49,7 +49,7 @@ def test_agent_workflow_is_prefill_heavy_and_the_chat_one_is_not():
 def test_model_window_and_command_line(capsys, tmp_path):
     assert model_context_limit("llama-3.1-8b") == 131_072 and model_context_limit("llama-2-7b") == 4096
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match=r"config.json: field 'max_position_embeddings' must be a positive integer"):
+    with pytest.raises(ValueError, match=r"config.json: field 'intermediate_size' must be a positive integer"):
         model_context_limit(str(tmp_path))
     assert main(["coding-assistant", "--num-jobs", "5"]) == 0
     out = capsys.readouterr().out

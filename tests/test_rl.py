@@ -31,7 +31,8 @@ from policies.rl import (
     targets_from_action,
 )
 from sim.cluster import simulate
-from sim.env import ENV_ID, SPLITS, EnvConfig, ScalingEnv, rollout, sample_episode, trace_window
+from sim.env import ENV_ID, ScalingEnv, register, rollout
+from sim.episodes import SPLITS, EnvConfig, sample_episode, trace_window
 
 # Small episodes keep every test cheap; the defaults are exercised by the training test and fig12.
 SMALL = EnvConfig(episode_s=40.0, trace_rate_scale=(1.0, 1.5), workflow_rate=(0.1, 0.3))
@@ -42,7 +43,22 @@ def test_check_env_passes() -> None:
     check_env(ScalingEnv(SMALL), skip_render_check=True)
 
 
+def test_actions_outside_the_action_space_are_refused() -> None:
+    env = ScalingEnv(SMALL)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([KEEP], np.float32))
+    env.reset(seed=1)
+    with pytest.raises(ValueError, match=r"outside the action space"):
+        env.step(np.array([3.5], np.float32))  # the offset is at most max_offset = 3
+    with pytest.raises(ValueError, match=r"1 finite number"):
+        env.step(np.array([KEEP, KEEP], np.float32))
+    with pytest.raises(ValueError, match=r"1 finite number"):
+        env.step(np.array([np.nan], np.float32))
+    env.step(np.array([KEEP], np.float32))  # still usable after a refused action
+
+
 def test_registered_under_a_versioned_id() -> None:
+    register()
     env = gym.make(ENV_ID, config=SMALL)
     x, info = env.reset(seed=1)
     assert env.observation_space.contains(x)
@@ -354,20 +370,65 @@ def test_malformed_checkpoints_are_refused_naming_file_and_field(tmp_path) -> No
 
 
 def test_the_shipped_checkpoint_is_a_full_run_on_the_current_environment() -> None:
-    """policies/checkpoints/ppo-scaler: what `python -m experiments.run train-scaler` wrote, loadable as is."""
-    from experiments.train_scaler import FULL
+    """policies/checkpoints/ppo-scaler: what `python -m experiments.run train-scaler --seeds K` wrote, loadable as
+    is: the seed that scored best on validation, and every seed's checkpoint beside it (fig12 plays them all)."""
+    from experiments.train_scaler import FULL, seed_stem
 
     meta = read_checkpoint_meta(DEFAULT_CHECKPOINT)
-    assert meta["timesteps"] == FULL.timesteps and meta["algorithm"] == "PPO"
+    # SB3 finishes the rollout it is in: the steps taken are the requested ones rounded up to n_envs * n_steps
+    assert meta["train_config"]["timesteps"] == FULL.timesteps and meta["algorithm"] == "PPO"
+    assert FULL.timesteps <= meta["timesteps"] < FULL.timesteps + FULL.n_envs * FULL.n_steps
     assert meta["train_config"]["use_sde"] == FULL.use_sde and meta["train_config"]["net_arch"] == list(FULL.net_arch)
     assert EnvConfig.from_dict(meta["env_config"]) == EnvConfig()  # trained on today's default episodes
-    zip_path, _ = checkpoint_paths(DEFAULT_CHECKPOINT)
-    assert zip_path.stat().st_size < 5 * 2**20
+    assert len(meta["seeds"]) >= 2 and meta["seed"] in meta["seeds"]
+    seeds = [read_checkpoint_meta(seed_stem(DEFAULT_CHECKPOINT, s)) for s in meta["seeds"]]
+    assert [m["seed"] for m in seeds] == meta["seeds"] and all(m["timesteps"] == meta["timesteps"] for m in seeds)
+    assert meta["selected_val_reward"] == max(m["selected_val_reward"] for m in seeds)
+    for stem in (DEFAULT_CHECKPOINT, *(seed_stem(DEFAULT_CHECKPOINT, s) for s in meta["seeds"])):
+        assert checkpoint_paths(stem)[0].stat().st_size < 5 * 2**20
     scaler = make_scaler("rl")
     assert isinstance(scaler, RLScaler) and scaler.pools == ["default"]
     ep = sample_episode(replace(EnvConfig(), split="test", episode_s=60.0), np.random.default_rng(1))
     res = simulate(ep.table, ep.cluster, make_router("round_robin"), scaler)
     assert (res.requests["status"] == "ok").all()
+
+
+def _episodes(offsets: dict[str, list[float]], slo: dict[str, float] | None = None) -> pd.DataFrame:
+    """fig12's per-episode rows: the heuristic's GPU-seconds 1000 + 10 k on episode k, others offset from it."""
+    rows = []
+    for k, base in enumerate([1000.0 + 10 * k for k in range(6)]):
+        for name, d in {"Pythia heuristic": [0.0] * 6, **offsets}.items():
+            rows.append({"scaler": name, "episode": k, "gpu_seconds": base + d[k],
+                         "slo_attainment": 0.99 + (slo or {}).get(name, 0.0), "p99_latency_s": 10.0,
+                         "mean_jct_s": 50.0, "gpus_min": 1, "gpus_max": 8})
+    return pd.DataFrame(rows)
+
+
+def test_fig12_intervals_across_seeds_decide_whether_the_advantage_holds() -> None:
+    from scipy import stats
+
+    from experiments.fig12 import summarize
+
+    wobble = [1.0, -1.0, 0.5, -0.5, 0.0, 0.0]
+    close = summarize(_episodes({"RL (PPO) seed 0": [-10 + w for w in wobble],
+                                 "RL (PPO) seed 1": [-10.5 - w for w in wobble]})).set_index("scaler")
+    both = close.loc["RL (PPO) mean of 2 seeds"]
+    assert both["seeds"] == 2 and both["d_gpu_s"] == pytest.approx(-10.25)
+    assert both["d_gpu_s_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * np.std([-10, -10.5], ddof=1) / np.sqrt(2))
+    assert both["d_gpu_s_p"] == pytest.approx(stats.wilcoxon([-10.25] * 6).pvalue)  # seeds averaged per episode
+    assert bool(both["advantage_holds"]) and close.loc["RL (PPO) seed 0", "fewer_gpu_s_than_pythia"] == 1.0
+    assert close.loc["RL (PPO) seed 0", "d_gpu_s_ci95"] == pytest.approx(
+        stats.t.ppf(0.975, 5) * np.std(wobble, ddof=1) / np.sqrt(6))
+    assert pd.isna(close.loc["Pythia heuristic", "advantage_holds"]) and close.loc["Pythia heuristic", "d_gpu_s_p"] == 1
+    # seeds that disagree: the mean still saves GPU-seconds, but the interval across seeds includes zero
+    apart = summarize(_episodes({"RL (PPO) seed 0": [-30.0 + w for w in wobble],
+                                 "RL (PPO) seed 1": [5.0 - w for w in wobble]})).set_index("scaler")
+    assert apart.loc["RL (PPO) mean of 2 seeds", "d_gpu_s"] < 0 and not apart.loc["RL (PPO) mean of 2 seeds",
+                                                                                   "advantage_holds"]
+    # fewer GPU-seconds bought with late calls is no advantage
+    worse = summarize(_episodes({"RL (PPO) seed 0": [-10.0] * 6, "RL (PPO) seed 1": [-10.0] * 6},
+                                slo={"RL (PPO) seed 0": -0.02, "RL (PPO) seed 1": -0.02})).set_index("scaler")
+    assert not worse.loc["RL (PPO) mean of 2 seeds", "advantage_holds"]
 
 
 def test_a_residual_policy_without_offsets_is_refused() -> None:

@@ -158,7 +158,7 @@ def _powers(base: int, n: int) -> np.ndarray:
         return np.concatenate([[1], np.cumprod(np.full(max(n - 1, 0), base, dtype=np.uint64))]).astype(np.uint64)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawTextHelpFormatter):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawTextHelpFormatter):
     """Defaults shown, epilog as written."""
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     from traces.workflow import WORKFLOWS, make_workload
 
     about = "\n".join(f"  {n:22s} {spec.about}" for n, spec in TRACES.items())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Formatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter,
                                      epilog=f"traces:\n{about}\nworkflows: {', '.join(WORKFLOWS)}")
     parser.add_argument("names", nargs="*", help="traces or workflows (default: all)")
     parser.add_argument("--json", action="store_true", help="print the full characterization as JSON")

@@ -157,7 +157,7 @@ def _read_claude_code(path: Path, limit: int | None, *, merge_duplicates: bool) 
 
 
 @dataclass
-class _Call:
+class _RecordedCall:
     t: float  # start on the session clock
     end: float  # recorded end (t + api_time of the last merged copy); NaN when api_time is absent
     think: float  # recorded think_time; NaN when absent
@@ -182,7 +182,8 @@ class _File:
 
 def _claude_session(raw: bytes, where: str, merge_duplicates: bool, next_id: int) -> tuple[Session, int, int]:
     """Parse one session file. The hash_ids arrays (almost all of the bytes) are cut out with a regex
-    and parsed by numpy in one go; json only sees the small remainder: about 5x faster than json alone."""
+    and parsed by numpy in one go; json only sees the small remainder, which is what makes loading hundreds of
+    sessions fast."""
     spans = [m.span(1) for m in _HASHES.finditer(raw)]
     count = iter(range(len(spans)))
     try:
@@ -206,7 +207,7 @@ def _claude_session(raw: bytes, where: str, merge_duplicates: bool, next_id: int
 
     main, merged = _loop([(i, r) for i, r in enumerate(doc["requests"]) if not _is_subagent(r)],
                          f"{where}: requests", "main", _system_tokens(doc, where), f)
-    calls: list[_Call] = list(main)
+    calls: list[_RecordedCall] = list(main)
     parents: list[list[int]] = [[] if k == 0 else [k - 1] for k in range(len(main))]
     continues = list(range(-1, len(main) - 1))
     unrecorded = [where] if main and main[0].system_tokens < 0 else []
@@ -275,10 +276,10 @@ def _system_tokens(entry: dict, where: str) -> int:
 
 
 def _loop(reqs: list[tuple[int, object]], where: str, agent: str, system_tokens: int, f: _File,
-          offset: float = 0.0) -> tuple[list[_Call], int]:
+          offset: float = 0.0) -> tuple[list[_RecordedCall], int]:
     """The calls of one agent loop. With ``merge_duplicates`` a call whose input (length and hash ids)
     equals the previous call's is folded into it: v6's streaming + non-streaming proxy copies."""
-    out: list[_Call] = []
+    out: list[_RecordedCall] = []
     merged = 0
     prev_key = None
     for i, r in reqs:
@@ -294,14 +295,14 @@ def _loop(reqs: list[tuple[int, object]], where: str, agent: str, system_tokens:
                                 f"in={n_in}; expected at most ceil(in / block_size)")
         t = offset + _field(r, "t", w)
         kinds = r.get("input_types")
-        call = _Call(t, t + _field(r, "api_time", w, required=False), _field(r, "think_time", w, required=False),
-                     n_in, _field(r, "out", w, integer=True), span, agent, system_tokens,
-                     "text" in kinds if isinstance(kinds, list) else None)
+        call = _RecordedCall(t, t + _field(r, "api_time", w, required=False),
+                             _field(r, "think_time", w, required=False), n_in, _field(r, "out", w, integer=True),
+                             span, agent, system_tokens, "text" in kinds if isinstance(kinds, list) else None)
         key = (n_in, f.raw[slice(*f.spans[span])]) if f.merge_duplicates else None
         if key is not None and key == prev_key:
             first = out[-1]
-            out[-1] = _Call(first.t, call.end, first.think, first.n_in, call.n_out, first.span, agent, system_tokens,
-                            first.user)
+            out[-1] = _RecordedCall(first.t, call.end, first.think, first.n_in, call.n_out, first.span, agent,
+                                    system_tokens, first.user)
             merged += 1
             continue
         out.append(call)
@@ -309,7 +310,7 @@ def _loop(reqs: list[tuple[int, object]], where: str, agent: str, system_tokens:
     return out, merged
 
 
-def _end(c: _Call) -> float:
+def _end(c: _RecordedCall) -> float:
     return c.t if math.isnan(c.end) else c.end
 
 

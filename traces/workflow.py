@@ -473,7 +473,7 @@ def _line(node: yaml.Node | None, loc: tuple) -> str:
 
 
 @dataclass
-class _Call:
+class _GeneratedCall:
     index: int  # within the job
     segments: tuple[tuple[int, int, int], ...]  # prompt as (content id, offset in that content, tokens)
     length: int
@@ -506,7 +506,7 @@ class _Contents:
         self.next_content += 1
         return self.next_content - 1
 
-    def block_ids(self, segments: tuple, length: int, reuse: _Call | None) -> np.ndarray:
+    def block_ids(self, segments: tuple, length: int, reuse: _GeneratedCall | None) -> np.ndarray:
         """Ids of the prompt's blocks; the full blocks of ``reuse`` (a prompt prefix) are copied."""
         keep = reuse.length // self.block if reuse is not None else 0
         start = keep * self.block
@@ -541,9 +541,9 @@ class _Job:
         self.summary_rng = np.random.default_rng([seed, 2, job])
         self.document = contents.new()  # the job's static context
         self.context_tokens: dict[str, int] = {}
-        self.calls: list[_Call] = []
+        self.calls: list[_GeneratedCall] = []
         self.rows: dict[str, list] = {k: [] for k in ("t", "input", "output", "think", "parents", "agent")}
-        self.latest: dict[tuple[str, int], _Call] = {}  # (agent, lane) -> last call of that conversation
+        self.latest: dict[tuple[str, int], _GeneratedCall] = {}  # (agent, lane) -> last call of that conversation
         self.session_id = f"{wf.name}-{job}"
 
     def run(self) -> Session:
@@ -598,7 +598,8 @@ class _Job:
             ends.append(prev.index)
         return ends
 
-    def _call(self, a: str, spec: Agent, prev: _Call | None, parents: list[int], first: bool) -> _Call:
+    def _call(self, a: str, spec: Agent, prev: _GeneratedCall | None, parents: list[int],
+              first: bool) -> _GeneratedCall:
         if len(self.calls) == MAX_JOB_CALLS:
             raise WorkloadError(f"workflow '{self.wf.name}', job {self.session_id}: agent '{a}' would make call "
                                 f"{MAX_JOB_CALLS + 1}; a job may have at most {MAX_JOB_CALLS} calls (lower fan_out, "
@@ -625,7 +626,7 @@ class _Job:
                 segments = _cut(segments, 0, step.head) + ((self.c.new(), 0, step.summary),) + \
                     _cut(segments, length - step.recent, length)
                 length, prev = step.length, None
-        call = _Call(len(self.calls), segments, length, self.c.block_ids(segments, length, prev),
+        call = _GeneratedCall(len(self.calls), segments, length, self.c.block_ids(segments, length, prev),
                      (self.c.new(), 0, n_out), head, continues)
         think = spec.tool_time_s.sample(self.rng) if parents else 0.0
         self.calls.append(call)
