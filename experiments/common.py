@@ -58,12 +58,15 @@ class Point:
     seed: int = 0
     arrivals: str | None = None  # e.g. "onoff:...": overrides the Poisson arrivals at `rate`
     cluster: ClusterConfig = ClusterConfig()  # GPUs, model, engine arguments
+    slo_s: float | None = None  # every call's end-to-end objective (None: the workflow's own)
 
 
 def workload_table(p: Point) -> pd.DataFrame:
     if p.arrivals:
-        return make_workload(p.workload, arrivals=p.arrivals, duration_s=p.duration_s, seed=p.seed)
-    return make_workload(p.workload, rate=p.rate, duration_s=p.duration_s, seed=p.seed)
+        t = make_workload(p.workload, arrivals=p.arrivals, duration_s=p.duration_s, seed=p.seed)
+    else:
+        t = make_workload(p.workload, rate=p.rate, duration_s=p.duration_s, seed=p.seed)
+    return t if p.slo_s is None else t.assign(slo_s=float(p.slo_s))
 
 
 def run_point(p: Point) -> Results:
@@ -252,6 +255,9 @@ def duration(quick: bool) -> float:
 AGENT_WORKLOADS = ("coding-assistant", "software-team")
 AGENT_REFERENCE_LOAD = {"coding-assistant": 0.15, "software-team": 0.1}
 AGENT_LOAD_FACTORS = (0.5, 1.0, 2.0, 4.0)  # swept for throughput, x the reference load
+# The agent workflows are fitted to traces, which carry no objective. An agent's tool loop waits on every call, so
+# each call gets one: 10 s end to end, the objective sim.episodes gives trace calls (EnvConfig.trace_slo_s).
+AGENT_SLO_S = 10.0
 
 
 def agent_loads(workload: str, quick: bool) -> tuple[float, ...]:

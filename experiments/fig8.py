@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from experiments.common import AGENT_REFERENCE_LOAD, AGENT_WORKLOADS, Point, agent_duration, sweep
+from experiments.common import AGENT_REFERENCE_LOAD, AGENT_SLO_S, AGENT_WORKLOADS, Point, agent_duration, sweep
 from experiments.output import Context, Output
 from experiments.plots import figure, setting
 from policies.pythia import MECHANISMS
@@ -18,7 +18,8 @@ METRICS = (("mean_jct_s", "mean JCT (s)"), ("p99_latency_s", "p99 call latency (
 
 
 def run(ctx: Context) -> Output:
-    points = [Point(w, AGENT_REFERENCE_LOAD[w], s, agent_duration(ctx.quick), ctx.seed, cluster=ctx.cluster)
+    points = [Point(w, AGENT_REFERENCE_LOAD[w], s, agent_duration(ctx.quick), ctx.seed, cluster=ctx.cluster,
+                    slo_s=AGENT_SLO_S)
               for w in AGENT_WORKLOADS for s in SYSTEMS]
     df = sweep(points, ctx.jobs)
     return Output(df, plot(df, setting(ctx.cluster)),

@@ -3,10 +3,12 @@ Autellix, Continuum, ThunderAgent, Pythia) on the two agent workloads (``--gpu a
 GPUs).
 
 Definitions (also in the README):
-- throughput_rps: the highest completed-calls/s over the swept offered loads at which >= 90 % of calls met
-  their SLO (the workflow's slo_s; the agent workflows set none yet, so every load counts);
+- throughput_rps: the highest completed-calls/s over the swept offered loads (0.5-4x the reference) at which
+  >= 90 % of calls met their SLO (``AGENT_SLO_S``: 10 s end to end per call);
 - p99_latency_s, prefix_hit_rate, mem_util_cv, mean_jct_s, p95_jct_s, gpu_seconds: at the reference load;
 - burst_queue_len: the largest number of waiting calls (engine queues + front-end pending) under on/off bursts.
+
+Every load point's summary goes to ``table1_loads.csv`` (where the systems separate: above the reference load).
 
 With ``--backend real`` (``python -m experiments.run table1 --backend real --gpus 0-7``) every point runs on
 real vLLM servers instead, in wall-clock time (about 2 hours for the full table), and the files are named
@@ -23,6 +25,7 @@ from matplotlib.figure import Figure
 
 from experiments.common import (
     AGENT_REFERENCE_LOAD,
+    AGENT_SLO_S,
     AGENT_WORKLOADS,
     Point,
     agent_duration,
@@ -41,15 +44,18 @@ SYSTEMS = ("vllm", "vllm-hpa", "production-stack", "sglang", "autellix", "contin
 COLUMNS = ["workload", "system", "throughput_rps", "p99_latency_s", "prefix_hit_rate", "mem_util_cv",
            "burst_queue_len", "mean_jct_s", "p95_jct_s", "gpu_seconds", "slo_attainment"]
 WORKLOADS, REFERENCE_LOAD = AGENT_WORKLOADS, AGENT_REFERENCE_LOAD
+LOAD_COLUMNS = ["workload", "rate", "load_factor", "system", "throughput_rps", "p99_latency_s", "mean_latency_s",
+                "mean_jct_s", "p95_jct_s", "prefix_hit_rate", "slo_attainment", "preemptions", "max_queue_len",
+                "mem_util_cv", "gpu_seconds"]
 SLO_ATTAINMENT = 0.9
 
 
 def run(ctx: Context) -> Output:
     real: RealConfig | None = ctx.options.get("real")
     dur, seed, c = agent_duration(ctx.quick), ctx.seed, ctx.cluster
-    load_points = [Point(w, r, s, dur, seed, cluster=c) for w in WORKLOADS for r in agent_loads(w, ctx.quick)
-                   for s in SYSTEMS]
-    burst_points = [Point(w, REFERENCE_LOAD[w], s, dur, seed, burst_arrivals(w), c) for w in WORKLOADS
+    load_points = [Point(w, r, s, dur, seed, cluster=c, slo_s=AGENT_SLO_S) for w in WORKLOADS
+                   for r in agent_loads(w, ctx.quick) for s in SYSTEMS]
+    burst_points = [Point(w, REFERENCE_LOAD[w], s, dur, seed, burst_arrivals(w), c, AGENT_SLO_S) for w in WORKLOADS
                     for s in SYSTEMS]
     df = sweep(load_points + burst_points, ctx.jobs, real)
     bursts = df.iloc[len(load_points):]
@@ -71,7 +77,8 @@ def run(ctx: Context) -> Output:
             })
     table = pd.DataFrame(rows, columns=COLUMNS)
     where = f"simulated, {setting(c)}" if real is None else _servers(real)
-    return Output(table, plot(table, where))
+    loads = df.assign(load_factor=[r / REFERENCE_LOAD[w] for w, r in zip(df["workload"], df["rate"], strict=True)])
+    return Output(table, plot(table, where), tables={"loads": loads[LOAD_COLUMNS]})
 
 
 def _servers(real: RealConfig) -> str:

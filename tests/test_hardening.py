@@ -250,5 +250,7 @@ def test_a_table_value_out_of_range_is_refused_naming_row_and_column(column, val
 def test_configs_still_build_from_their_defaults_and_replace() -> None:
     cfg = ClusterConfig()
     assert replace(cfg, num_gpus=16).num_gpus == 16
-    assert Scenario(system="pythia").cluster() == cfg
+    assert Scenario(system="sglang").cluster() == cfg  # a system with vLLM's own engine arguments
+    assert Scenario(system="pythia").cluster() == replace(cfg, engine=replace(
+        cfg.engine, scheduling_policy="priority", admission_policy="predicted"))
     assert EngineArgs() == replace(EngineArgs(), block_size=16)
