@@ -265,6 +265,11 @@ def agent_loads(workload: str, quick: bool) -> tuple[float, ...]:
     return (ref,) if quick else tuple(f * ref for f in AGENT_LOAD_FACTORS)
 
 
+def agent_load_factor(df: pd.DataFrame) -> list[float]:
+    """Each summary row's offered load as a multiple of its agent workload's reference load."""
+    return [round(r / AGENT_REFERENCE_LOAD[w], 6) for w, r in zip(df["workload"], df["rate"], strict=True)]
+
+
 def agent_duration(quick: bool) -> float:
     """Seconds of job arrivals per agent-workload run (the jobs then run to completion, 20-50 minutes)."""
     return 300.0 if quick else 600.0

@@ -29,6 +29,7 @@ from experiments.common import (
     AGENT_WORKLOADS,
     Point,
     agent_duration,
+    agent_load_factor,
     agent_loads,
     burst_arrivals,
     sweep,
@@ -77,7 +78,7 @@ def run(ctx: Context) -> Output:
             })
     table = pd.DataFrame(rows, columns=COLUMNS)
     where = f"simulated, {setting(c)}" if real is None else _servers(real)
-    loads = df.assign(load_factor=[r / REFERENCE_LOAD[w] for w, r in zip(df["workload"], df["rate"], strict=True)])
+    loads = df.assign(load_factor=agent_load_factor(df))
     return Output(table, plot(table, where), tables={"loads": loads[LOAD_COLUMNS]})
 
 

@@ -4,18 +4,19 @@ One ``Pythia`` object plays every role of the system (predictor, router, scaler,
 prefetcher), so all of them read the same learned model of the workflow; ``policies.systems`` registers it and
 ``MECHANISMS`` names what can be switched off for the ablation (``without=("priority",)``):
 
-- ``placement``: cache-aware placement by predicted work: a call goes to the replica that caches the most of its
-  prompt (its job's conversation, its role's static prefix) if that covers ``cache_threshold`` of it and the
-  replica is not saturated (``max_waiting`` calls waiting, or KV use above ``kv_high``); else to
-  the replica with the least predicted work: the tokens the jobs placed there are still expected to run (the
-  profiler's remaining work after each job's latest call), plus the prompt tokens it would have to prefill;
+- ``placement``: sglang-router's cache_aware rule (``policies.routers.CacheAware``, its defaults): a call goes to
+  the replica that caches the most of its prompt (its job's conversation, its role's static prefix) if that
+  covers ``cache_threshold`` of it, else to the replica holding the fewest routed tokens, and to the least loaded
+  one when the pool is out of balance. Placing new jobs by the profiler's predicted remaining work instead lost
+  to it once KV memory was short (the README's ablation): that prediction is the profiler's weakest;
 - ``priority``: vLLM priority scheduling, the calls of jobs with the least predicted remaining work first
   (log2 buckets of the tokens the profiler expects the job to still run after this call), with aging: a job
   gains one level per ``aging_s`` since its first call, so long jobs are not starved;
 - ``retention``: after a call whose role is likely followed (probability >= ``follow_probability``), pin its
   KV blocks for the ``retain_quantile`` of that role's learned tool time (at most ``max_retain_s``), so the
-  continuation finds its context, but only while its replica's KV use (as last seen) is below ``retain_below``:
-  pins on a full replica make running calls wait and push the router to spread jobs, losing their caches;
+  continuation finds its context; but only where LRU eviction would lose it first (the tool time exceeds the
+  replica's cache turnover) and within a budget of the replica's memory: every pinned block is memory the
+  running calls and the other jobs' cached conversations cannot use;
 - ``prefetch``: when a call ends, warm its replica with the static prefix of each role predicted to follow it
   (probability >= ``follow_probability``) that the replica does not hold yet, by the front end's records;
 - ``admission``: the engine admits a waiting call only when its prompt + predicted output fit (the profiler's
@@ -31,6 +32,7 @@ A system without a mechanism leaves its role out (``policies.systems``): the obj
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,7 +46,7 @@ from policies.api import (
     program_of,
 )
 from policies.profiler import Profiler
-from policies.routers import RoutedPrefixes
+from policies.routers import CacheAware, RoutedPrefixes
 from policies.scalers import PythiaScaler
 
 MECHANISMS = ("placement", "priority", "retention", "prefetch", "admission", "quotas", "scaling")
@@ -62,19 +64,21 @@ class Pythia:
     max_retain_s: float = 120.0
     quota_headroom: float = 2.0
     min_quota: float = 0.3
-    retain_below: float = 0.5
-    cache_threshold: float = 0.3
-    kv_high: float = 0.9
-    max_waiting: int = 8
+    retain_budget: float = 0.2
+    turnover_window_s: float = 60.0
+    cache_threshold: float = 0.3  # placement: sglang-router's cache_aware defaults
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
     # PythiaScaler's keyword arguments. Scaling down drops the conversations cached on the drained replicas, so
     # Pythia scales down only to 30 % utilization, after 5 minutes low (notes/pythia-readme.md).
     scaler: dict = field(default_factory=lambda: {"target_utilization": 0.3, "scale_down_window_s": 300.0})
     min_replicas: int = 1  # the scaler's (as every scaler takes it)
     profiler: Profiler = field(init=False)
-    _routed: RoutedPrefixes = field(default_factory=RoutedPrefixes, init=False, repr=False)
-    _home: dict[str, tuple[int, float]] = field(default_factory=dict, init=False, repr=False)  # job -> replica, work
-    _work: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # replica -> predicted work
-    _kv_usage: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # replica -> as last seen
+    _placement: CacheAware = field(init=False, repr=False)
+    _capacity: dict[int, int] = field(default_factory=dict, init=False, repr=False)  # replica -> KV tokens
+    _pins: dict[int, dict[str, tuple[int, float]]] = field(default_factory=dict, init=False, repr=False)
+    _pinned_on: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> replica it pins
+    _written: dict[int, deque] = field(default_factory=dict, init=False, repr=False)  # replica -> (end, new tokens)
     _scaler: PythiaScaler = field(init=False, repr=False)
     _prefixes: RoutedPrefixes = field(default_factory=RoutedPrefixes, init=False, repr=False)
     _inflight: dict[int, RequestInfo] = field(default_factory=dict, init=False, repr=False)
@@ -85,61 +89,43 @@ class Pythia:
         if unknown:
             raise ValueError(f"Pythia(without={self.without}): unknown mechanism(s) {unknown}; known: "
                              f"{', '.join(MECHANISMS)}")
-        if self.max_waiting < 1:
-            raise ValueError(f"Pythia.max_waiting must be >= 1, got {self.max_waiting}")
-        for name in ("follow_probability", "retain_quantile", "min_quota", "cache_threshold", "kv_high",
-                     "retain_below"):
+        for name in ("follow_probability", "retain_quantile", "min_quota", "cache_threshold", "retain_budget"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"Pythia.{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("aging_s", "max_retain_s", "quota_headroom"):
+        for name in ("aging_s", "max_retain_s", "quota_headroom", "turnover_window_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Pythia.{name} must be > 0, got {getattr(self, name)}")
         self.profiler = Profiler(quantile=self.quantile)
+        self._placement = CacheAware(self.cache_threshold, self.balance_abs_threshold, self.balance_rel_threshold)
         self._scaler = PythiaScaler(**{"min_replicas": self.min_replicas, **self.scaler})
 
     # --- predictor -------------------------------------------------------------------------------------------
     def annotate(self, request: RequestInfo, now: float) -> RequestInfo:
         request = self.profiler.annotate(request, now)
         self._inflight[request.request_id] = request
+        pinned = self._pinned_on.pop(program_of(request), None)
+        if pinned is not None:
+            self._pins[pinned].pop(program_of(request), None)
         self._job_start.setdefault(program_of(request), now)
         return request
 
     def observe(self, done: CallDone) -> None:
         self.profiler.observe(done)
+        if done.replica_id >= 0 and done.status == "ok":
+            written = self._written.setdefault(done.replica_id, deque())
+            written.append((done.finish_s, done.request.input_tokens - done.cached_tokens + done.output_tokens))
+            while written[0][0] < done.finish_s - self.turnover_window_s:
+                written.popleft()
         self._inflight.pop(done.request.request_id, None)
         if done.program_done:
             key = program_of(done.request)
             self._job_start.pop(key, None)
-            home = self._home.pop(key, None)
-            if home is not None:
-                self._work[home[0]] -= home[1]
 
     # --- placement ---------------------------------------------------------------------------------------------
     def route(self, request: RequestInfo, replicas: Sequence[ReplicaView], now: float) -> int:
-        matched = self._routed.matched_tokens(request, replicas)
-        best = max(replicas, key=lambda r: (matched[r.replica_id], -self._work.get(r.replica_id, 0.0), -r.replica_id))
-        saturated = best.num_waiting >= self.max_waiting or best.kv_usage > self.kv_high
-        if matched[best.replica_id] >= self.cache_threshold * request.input_tokens and not saturated:
-            chosen = best
-        else:
-            chosen = min(replicas, key=lambda r: (self._work.get(r.replica_id, 0.0) + request.input_tokens
-                                                  - matched[r.replica_id], r.replica_id))
-        self._routed.record(request, chosen)
-        self._place(request, chosen.replica_id)
-        self._kv_usage[chosen.replica_id] = chosen.kv_usage
-        return chosen.replica_id
-
-    def _place(self, request: RequestInfo, replica_id: int) -> None:
-        """Move the request's job (its predicted remaining work) to ``replica_id``'s account."""
-        key = program_of(request)
-        old = self._home.pop(key, None)
-        if old is not None:
-            self._work[old[0]] -= old[1]
-        _, tokens = self.profiler.remaining(request.workflow, self.profiler.role_of(request),
-                                            self.profiler.position(request))
-        work = request.input_tokens + max(request.expected_output_tokens, 0) + (0.0 if math.isnan(tokens) else tokens)
-        self._home[key] = (replica_id, work)
-        self._work[replica_id] = self._work.get(replica_id, 0.0) + work
+        chosen = self._placement.route(request, replicas, now)
+        self._capacity[chosen] = next(r.kv_capacity_tokens for r in replicas if r.replica_id == chosen)
+        return chosen
 
     # --- priority ----------------------------------------------------------------------------------------------
     def priority(self, request: RequestInfo, now: float) -> int:
@@ -157,11 +143,30 @@ class Pythia:
         return [n for n in nxt if n.probability >= self.follow_probability]
 
     def retain_s(self, done: CallDone, now: float) -> float:
-        if done.program_done or self._kv_usage.get(done.replica_id, 0.0) >= self.retain_below or \
-                not self._followers(done.request):
+        """Pin for the role's predicted tool time, but only a conversation LRU would lose before it returns: one
+        whose predicted tool time exceeds its replica's cache turnover (KV capacity / new tokens written per
+        second, from the calls that ended there in the last ``turnover_window_s``); and only while this object's
+        own pins on the replica stay within ``retain_budget`` of its KV capacity."""
+        role = self.profiler.role_of(done.request)
+        if done.program_done or role not in {n.role for n in self._followers(done.request)}:
+            return 0.0  # only the role's own next turn reads this conversation; another role has its own prompt
+        t = self.profiler.tool_time(done.request.workflow, role, self.retain_quantile)
+        capacity = self._capacity.get(done.replica_id, 0)
+        written = self._written.get(done.replica_id)
+        rate = sum(n for _, n in written) / self.turnover_window_s if written else 0.0
+        if math.isnan(t) or rate <= 0.0 or t < capacity / rate:
             return 0.0
-        t = self.profiler.tool_time(done.request.workflow, self.profiler.role_of(done.request), self.retain_quantile)
-        return 0.0 if math.isnan(t) else min(t, self.max_retain_s)
+        pins = self._pins.setdefault(done.replica_id, {})
+        for job in [j for j, (_, until) in pins.items() if until <= now]:
+            del pins[job]
+        tokens = done.request.input_tokens + done.output_tokens
+        if sum(n for n, _ in pins.values()) + tokens > self.retain_budget * capacity:
+            return 0.0
+        ttl = min(t, self.max_retain_s)
+        job = program_of(done.request)
+        pins[job] = (tokens, now + ttl)
+        self._pinned_on[job] = done.replica_id
+        return ttl
 
     # --- prefetch ----------------------------------------------------------------------------------------------
     def prefetch(self, done: CallDone, replicas: Sequence[ReplicaView], now: float) -> list[Prefetch]:
