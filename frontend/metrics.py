@@ -62,18 +62,23 @@ def summarize_results(res: Results) -> dict[str, float | int]:
                      retention=res.retention)
 
 
+BUSY_KV_USAGE = 0.05
+
+
 def mem_util_cv(timeseries: pd.DataFrame) -> float:
     """Spread of GPU memory (KV) utilization across GPUs: mean over samples of std/mean across ready replicas.
 
-    Only samples where the cluster holds some KV are counted (an idle cluster has no spread to speak of).
+    Only samples where the replicas' mean KV use is above ``BUSY_KV_USAGE`` are counted (a nearly idle cluster
+    has no spread to speak of); NaN when there is none (e.g. 80 GB GPUs whose running calls never use 5 % of
+    their KV memory), never 0.0, which would claim a perfectly even cluster.
     """
     ts = timeseries[timeseries["state"] == "ready"]
     if ts.empty:
         return math.nan
     g = ts.groupby("t")["kv_usage"]
     mean, std = g.mean(), g.std(ddof=0)
-    busy = mean > 0.05
-    return float((std[busy] / mean[busy]).mean()) if busy.any() else 0.0
+    busy = mean > BUSY_KV_USAGE
+    return float((std[busy] / mean[busy]).mean()) if busy.any() else math.nan
 
 
 def max_queue(timeseries: pd.DataFrame, cluster: pd.DataFrame | None) -> int:

@@ -3,6 +3,7 @@ workloads whose right answer is known, and every registered baseline end to end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from experiments.common import cluster_config
 from frontend.engine_args import EngineArgs
-from frontend.metrics import summarize_results
+from frontend.metrics import mem_util_cv, summarize_results
 from policies.api import CallDone, Hooks, Prefetch, RequestInfo
 from policies.continuum import MIN_SAMPLES, ToolTimeTTL
 from policies.systems import make_system, system
@@ -231,3 +232,14 @@ def test_hooks_that_do_nothing_change_nothing(agent_workload):
     assert inert.calls >= 5 * len(agent_workload)
     for table in ("requests", "jobs", "timeseries", "cluster"):
         pd.testing.assert_frame_equal(getattr(plain, table), getattr(hooked, table), check_exact=True)
+
+
+def test_memory_spread_is_nan_not_zero_when_the_cluster_never_uses_its_kv():
+    """0.0 would claim a perfectly even cluster; a cluster whose calls never use 5 % of KV has no spread to
+    measure. A busy one's spread is the mean over its samples of std/mean across ready replicas."""
+    def ts(usages):
+        return pd.DataFrame([{"t": t, "replica_id": r, "state": "ready", "kv_usage": u}
+                             for t, row in enumerate(usages) for r, u in enumerate(row)])
+
+    assert math.isnan(mem_util_cv(ts([[0.01, 0.03], [0.02, 0.04]])))
+    assert mem_util_cv(ts([[0.2, 0.6], [0.01, 0.01]])) == pytest.approx(0.5)  # only the busy sample counts
