@@ -11,7 +11,10 @@ prefetcher), so all of them read the same learned model of the workflow; ``polic
   to it once KV memory was short (the README's ablation): that prediction is the profiler's weakest;
 - ``priority``: vLLM priority scheduling, the calls of jobs with the least predicted remaining work first
   (log2 buckets of the tokens the profiler expects the job to still run after this call), with aging: a job
-  gains one level per ``aging_s`` since its first call, so long jobs are not starved;
+  gains one level per ``aging_s`` since its first call, so long jobs are not starved. The aging must be fast
+  (about one tool call per level): the remaining-work prediction is the profiler's weakest, a call's delay lies
+  on its job's critical path once per remaining call, and a held-back job loses its cached conversation, so
+  slow aging (5 minutes a level) made mean JCT worse under KV pressure, not better (the README's what-if);
 - ``retention``: after a call whose role is likely followed (probability >= ``follow_probability``), pin its
   KV blocks for the ``retain_quantile`` of that role's learned tool time (at most ``max_retain_s``), so the
   continuation finds its context; but only where LRU eviction would lose it first (the tool time exceeds the
@@ -58,7 +61,7 @@ class Pythia:
 
     without: tuple[str, ...] = ()
     quantile: float = 0.9  # the profiler's output bound
-    aging_s: float = 300.0
+    aging_s: float = 30.0
     follow_probability: float = 0.5
     retain_quantile: float = 0.9
     max_retain_s: float = 120.0
