@@ -73,7 +73,7 @@ class Pythia:
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
     # PythiaScaler's keyword arguments. Scaling down drops the conversations cached on the drained replicas, so
-    # Pythia scales down only to 30 % utilization, after 5 minutes low (notes/pythia-readme.md).
+    # Pythia scales down only to 30 % utilization, after 5 minutes low.
     scaler: dict = field(default_factory=lambda: {"target_utilization": 0.3, "scale_down_window_s": 300.0})
     min_replicas: int = 1  # the scaler's (as every scaler takes it)
     profiler: Profiler = field(init=False)

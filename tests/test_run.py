@@ -122,8 +122,8 @@ def test_every_command_line_help_shows_its_defaults(command) -> None:
 
 
 def test_the_documented_workflow_example_loads_and_runs(tmp_path, capsys) -> None:
-    """notes/whatif-readme.md's workflow.yaml example (the format's reference) is a valid workflow."""
-    text = (ROOT / "notes" / "whatif-readme.md").read_text()
+    """docs/workflow-yaml.md's example (the format's reference) is a valid workflow."""
+    text = (ROOT / "docs" / "workflow-yaml.md").read_text()
     yaml_text = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     path = tmp_path / "my-agents.yaml"
     path.write_text(yaml_text)
