@@ -76,13 +76,15 @@ def first_served_after_the_long_call(cfg: RealConfig, hooks: Hooks, first_base: 
         base = first_base + 10 * attempt
         res = real.execute(queue_table(base), cfg, make_router("round_robin"), hooks=hooks)
         req = res.requests.set_index("request_id")
+        if len(res.failures) and res.failures["detail"].str.startswith("connection to").all():
+            continue  # the API server refused connections for a moment (seen once on CI): this run says nothing
         assert (req["status"] == "ok").all(), res.failures
         if req.at[base, "cached_tokens"] != 0:
             continue
         queued = req.loc[base + 1:base + 5, "cached_tokens"]
         assert sorted(queued) == [128, 256, 256, 256, 256]
         return int(queued.index[queued == 128][0]) - base
-    raise AssertionError("in 4 runs the long call never reached the engine first")
+    raise AssertionError("in 4 runs the long call never reached the engine first, or the server refused connections")
 
 
 def test_a_high_priority_call_overtakes_the_queue(priority_server):
